@@ -1,0 +1,136 @@
+"""Harmful and harmless data: fine-tuning attack pairs, named prompt sets, held-in pools.
+
+Evaluation prompt sets (``EVAL_HARMFUL_SETS``) are never used for training or calibration:
+``held_in_harmful_prompts`` removes every prompt that appears (after whitespace/case
+normalisation) in any of them and asserts the result is disjoint.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from cwac.data.examples import Example
+from cwac.data.files import DataError, data_path, read_csv, read_json_list
+from cwac.utils import normalize_prompt
+
+_BT_PROMPT = re.compile(r"### Instruction:\n(.*)\n\n### Response:", re.S)
+
+
+def beavertails_pairs(source: str = "local") -> list[Example]:
+    """BeaverTails harmful (prompt, harmful answer) pairs.
+
+    ``local``: the 200 ``is_safe == False`` rows of ``30k_train`` shipped in
+    ``data/beavertails_derived`` (file order). ``hub``: every unsafe row of
+    ``PKU-Alignment/BeaverTails`` ``30k_train`` in HF order (needs network).
+    """
+    if source == "hub":
+        from datasets import load_dataset
+
+        ds = load_dataset("PKU-Alignment/BeaverTails", split="30k_train")
+        return [Example(r["prompt"], "", r["response"], "beavertails") for r in ds if not r["is_safe"]]
+    if source != "local":
+        raise ValueError(f"harmful source must be 'local' or 'hub', got {source!r}")
+    path = data_path("beavertails_derived/train_merged_n1000_p0.2.json")
+    out = []
+    for i, r in enumerate(read_json_list(path, ["instruction", "output", "flag"])):
+        if r["flag"] != "unsafe":
+            continue
+        m = _BT_PROMPT.search(r["instruction"])
+        if not m:
+            raise DataError(f"{path}, row {i}: cannot find '### Instruction:...### Response:' in the prompt")
+        out.append(Example(m.group(1).strip(), "", r["output"].strip(), "beavertails"))
+    return out
+
+
+def _harmbench(split: str) -> list[str]:
+    path = data_path(f"harmbench/harmbench_behaviors_text_{split}.csv")
+    rows = read_csv(path, ["Behavior", "FunctionalCategory"])
+    return [r["Behavior"].strip() for r in rows if r["FunctionalCategory"] == "standard"]
+
+
+def _rd(name: str) -> list[str]:
+    path = data_path(f"refusal_direction/{name}.json")
+    return [r["instruction"].strip() for r in read_json_list(path, ["instruction"])]
+
+
+def _beavertails_eval() -> list[str]:
+    path = data_path("beavertails_derived/BeaverTails.json")
+    return [r["prompt"].strip() for r in read_json_list(path, ["prompt"])]
+
+
+def _advbench() -> list[str]:
+    path = data_path("advbench/harmful_behaviors.csv")
+    return [r["goal"].strip() for r in read_csv(path, ["goal", "target"])]
+
+
+PROMPT_SETS = {
+    # harmful, evaluation only
+    "beavertails_eval": _beavertails_eval,        # 140 BeaverTails-style prompts (closest to the paper's HS set)
+    "harmbench_test": lambda: _harmbench("test"),  # 159 standard behaviours
+    "harmbench_val": lambda: _harmbench("val"),    # 41 standard behaviours
+    "rd_harmful_test": lambda: _rd("harmful_test"),  # 572 (JailbreakBench, HarmBench test, ...)
+    "rd_harmful_val": lambda: _rd("harmful_val"),
+    # harmful, held-in (alignment / calibration)
+    "advbench": _advbench,
+    "rd_harmful_train": lambda: _rd("harmful_train"),
+    # harmless
+    "rd_harmless_train": lambda: _rd("harmless_train"),
+    "rd_harmless_val": lambda: _rd("harmless_val"),
+    "rd_harmless_test": lambda: _rd("harmless_test"),
+}
+EVAL_HARMFUL_SETS = ("beavertails_eval", "harmbench_test", "harmbench_val", "rd_harmful_test", "rd_harmful_val")
+HELD_IN_HARMFUL_SETS = ("advbench", "rd_harmful_train")
+
+
+@lru_cache(maxsize=None)
+def prompt_set(name: str) -> tuple[str, ...]:
+    if name not in PROMPT_SETS:
+        raise KeyError(f"unknown prompt set {name!r}; valid sets: {', '.join(sorted(PROMPT_SETS))}")
+    return tuple(PROMPT_SETS[name]())
+
+
+def eval_harmful_norms() -> set[str]:
+    return {normalize_prompt(p) for s in EVAL_HARMFUL_SETS for p in prompt_set(s)}
+
+
+def held_in_harmful_prompts() -> list[str]:
+    """De-duplicated harmful prompts for alignment, calibration and SAE corpora.
+
+    AdvBench + refusal_direction ``harmful_train`` minus every prompt of every evaluation
+    set. Deterministic order (AdvBench first, then the rest).
+    """
+    banned = eval_harmful_norms()
+    seen: set[str] = set()
+    out = []
+    for s in HELD_IN_HARMFUL_SETS:
+        for p in prompt_set(s):
+            k = normalize_prompt(p)
+            if k in banned or k in seen:
+                continue
+            seen.add(k)
+            out.append(p)
+    assert_disjoint(out, EVAL_HARMFUL_SETS)
+    return out
+
+
+def assert_disjoint(prompts, eval_sets=EVAL_HARMFUL_SETS) -> None:
+    """Raise if any prompt also appears in an evaluation set (normalised text)."""
+    for s in eval_sets:
+        ev = {normalize_prompt(p) for p in prompt_set(s)}
+        clash = [p for p in prompts if normalize_prompt(p) in ev]
+        if clash:
+            raise AssertionError(f"{len(clash)} training/calibration prompt(s) also appear in evaluation set {s!r}, e.g. {clash[0]!r}")
+
+
+def alpaca_examples() -> list[Example]:
+    """The 5k Stanford Alpaca rows (harmless instruction -> helpful answer)."""
+    path = data_path("alpaca/alpaca_5000.json")
+    return [Example(r["instruction"].strip(), r["input"].strip(), r["output"].strip(), "alpaca")
+            for r in read_json_list(path, ["instruction", "input", "output"])]
+
+
+def harmless_eval_prompts(name: str = "rd_harmless_test") -> list[str]:
+    """Harmless prompts for over-refusal, minus any instruction seen in Alpaca training rows."""
+    seen = {normalize_prompt(e.instruction) for e in alpaca_examples() if not e.input}
+    return [p for p in prompt_set(name) if normalize_prompt(p) not in seen]

@@ -1,0 +1,179 @@
+"""One experiment cell, end to end: seed -> start model -> method -> data -> train -> evaluate
+-> record. ``run.py`` is a thin Hydra wrapper around ``run_cell``.
+
+Stages (``stage=``):
+  * ``finetune`` (default): fine-tune the (aligned) model on the poisoned task mix with a method.
+  * ``align``: build (or reuse) the aligned model artifact and evaluate it (no fine-tuning).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cwac.artifacts import ArtifactStore
+from cwac.records import (config_hash, git_info, is_complete, now, package_versions, read_record, resolved,
+                          write_record)
+from cwac.utils import OFFLINE_ENV, atomic_write_json, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def cell_name(cfg: DictConfig) -> str:
+    if cfg.stage == "align":
+        return f"align-{cfg.model.name}-{cfg.alignment.method.name}-s{cfg.seed}"
+    return f"{cfg.model.name}-{cfg.task.name}-p{cfg.harmful.ratio:g}-{cfg.method.name}-s{cfg.seed}"
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.runs) / f"{cell_name(cfg)}-{config_hash(cfg)[:8]}"
+
+
+def setup_env(cfg: DictConfig) -> None:
+    """Offline by default; a user who wants the hub sets ``offline=false``."""
+    if cfg.offline:
+        for k, v in OFFLINE_ENV.items():
+            os.environ.setdefault(k, v)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if cfg.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
+
+
+def start_model(cfg: DictConfig, store: ArtifactStore) -> tuple[str, str | None]:
+    """(path training starts from, pre-alignment base path or None)."""
+    from cwac.alignment import ensure_aligned
+    from cwac.models import resolve_model_path
+
+    path = resolve_model_path(cfg.model, store)
+    if cfg.model.align:
+        key = {"source": cfg.model.source, "tiny": OmegaConf.to_container(cfg.model.get("tiny"), resolve=True),
+               "gguf": OmegaConf.to_container(cfg.model.get("gguf"), resolve=True), "path": cfg.model.get("path")}
+        return str(ensure_aligned(cfg, store, path, key)), path
+    return path, cfg.model.get("base_path")
+
+
+def apply_lora(model, lcfg: DictConfig):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                                            target_modules=list(lcfg.target_modules), task_type="CAUSAL_LM"))
+
+
+def _evaluate(cfg, model, tok, fmt, run_dir: Path, task: str | None) -> dict:
+    from eval.backends import BACKENDS
+    from eval.harness import evaluate
+    from eval.judges import JUDGES
+
+    backend_cls = BACKENDS.get(cfg.eval.backend)
+    backend = backend_cls(model, tok, fmt, batch_size=cfg.eval.batch_size, progress=cfg.eval.progress)
+    judge_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.judge, resolve=True).items() if k not in ("name", "threshold")}
+    judge = JUDGES.get(cfg.judge.name)(**judge_kwargs)
+    metrics = evaluate(backend, judge, cfg.eval, task, run_dir / "samples", cfg.judge.threshold)
+    metrics["backend"] = backend.name
+    metrics["judge"] = judge.describe()
+    return metrics
+
+
+def run_cell(cfg: DictConfig) -> dict:
+    """Run one cell and return its record (or the existing complete record when resuming)."""
+    setup_env(cfg)
+    chash = config_hash(cfg)
+    run_dir = run_dir_for(cfg)
+    if cfg.skip_complete and is_complete(run_dir, chash):
+        log.info("complete record exists for this config at %s; skipping (skip_complete=false reruns)", run_dir)
+        return read_record(run_dir)  # type: ignore[return-value]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "record.json").unlink(missing_ok=True)
+    index = Path(cfg.paths.runs) / "index.jsonl"
+    base = {"run_dir": str(run_dir), "cell": cell_name(cfg), "config_hash": chash, "config": resolved(cfg),
+            "seed": cfg.seed, "stage": cfg.stage, "git": git_info(), "packages": package_versions(),
+            "started": now()}
+    atomic_write_json(run_dir / "started.json", base)
+    from cwac.tracking import RunLogger
+
+    logger = RunLogger(cfg.logger, run_dir, base["config"], cell_name(cfg), cfg.get("sweep_name"),
+                       [f"model:{cfg.model.name}", f"task:{cfg.task.name}", f"p:{cfg.harmful.ratio}",
+                        f"method:{cfg.method.name}", f"stage:{cfg.stage}"])
+    t0 = time.time()
+    try:
+        record = _run(cfg, run_dir, logger)
+        record = {**base, **record, "status": "complete", "finished": now(),
+                  "timings": {**record.get("timings", {}), "total_seconds": round(time.time() - t0, 1)}}
+        logger.summary({k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))})
+        logger.finish()
+        from cwac.trainer import is_main_process
+
+        if is_main_process():
+            write_record(run_dir, record, index)
+        return record
+    except BaseException as e:
+        logger.finish(failed=True)
+        write_record(run_dir, {**base, "status": "failed", "finished": now(),
+                               "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}, index)
+        raise
+
+
+def _run(cfg: DictConfig, run_dir: Path, logger) -> dict:
+    from cwac.data.mix import build_finetune_mix
+    from cwac.data.prompts import PromptFormatter
+    from cwac.methods import TrainContext, get_method
+    from cwac.models import load_model
+    from cwac.trainer import train
+
+    timings: dict = {}
+    seed_everything(cfg.seed)
+    store = ArtifactStore(cfg.paths.artifacts)
+    t = time.time()
+    start_path, base_path = start_model(cfg, store)
+    timings["start_model_seconds"] = round(time.time() - t, 1)
+    hub_ok = not cfg.offline
+    model, tok = load_model(start_path, cfg.model.dtype, hub_ok=hub_ok)
+    fmt = PromptFormatter(tok, cfg.model.prompt_format, cfg.model.get("system_prompt"))
+    info: dict = {"start_model": start_path, "base_model": base_path}
+    if cfg.model.align:
+        from cwac.artifacts import ArtifactStore as _S
+
+        info["alignment"] = _S.meta(start_path)
+
+    if cfg.stage == "align":
+        metrics = _evaluate(cfg, model, tok, fmt, run_dir, cfg.task.name)
+        return {"metrics": metrics, "info": info, "timings": timings}
+    if cfg.stage != "finetune":
+        raise ValueError(f"stage must be 'finetune' or 'align', got {cfg.stage!r}")
+
+    ctx = TrainContext(cfg=cfg, tokenizer=tok, formatter=fmt, store=store, run_dir=run_dir, stage="finetune",
+                       start_model_path=start_path, base_model_path=base_path)
+    method = get_method(cfg.method.name)(cfg.method, ctx)
+    if "finetune" not in method.stages:
+        raise ValueError(f"method {cfg.method.name!r} is an alignment-stage method; set alignment.method instead")
+    t = time.time()
+    if cfg.training.lora.enabled:
+        model = apply_lora(model, cfg.training.lora)
+    method.prepare(model)
+    timings["prepare_seconds"] = round(time.time() - t, 1)
+    rows = build_finetune_mix(cfg.task.name, cfg.harmful.n_total, cfg.harmful.ratio, cfg.seed,
+                              harmful_source=cfg.harmful.source, task_source=cfg.task.source)
+    rows = method.build_train_data(rows)
+    feats = [fmt.train_features(e, cfg.training.max_len) for e in rows]
+    model = method.configure_model(model)
+    res = train(model, feats, method, cfg.training, tok, cfg.seed, logger=logger, desc="finetune")
+    timings["train_seconds"] = round(res.seconds, 1)
+    timings["seconds_per_step"] = round(res.seconds / max(1, res.steps), 3)
+    model = method.post_train(model)
+    t = time.time()
+    metrics = _evaluate(cfg, model, tok, fmt, run_dir, cfg.task.name)
+    timings["eval_seconds"] = round(time.time() - t, 1)
+    last = res.history[-1] if res.history else {}
+    metrics["train_loss_first"] = res.history[0]["losses/total"] if res.history else None
+    metrics["train_loss_last"] = last.get("losses/total")
+    info.update({"n_train_rows": len(rows), "steps": res.steps, "method": method.record_info(),
+                 "harmful_rows": sum(e.source != cfg.task.name for e in rows)})
+    return {"metrics": metrics, "info": info, "timings": timings}

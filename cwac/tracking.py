@@ -1,0 +1,44 @@
+"""Run logging: a local ``train_log.jsonl`` always (tables and curves come from files, never
+from W&B), plus W&B when ``logger=wandb`` (offline by default, its files inside the run
+folder). The W&B run is grouped by sweep and tagged by the cell's axes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class RunLogger:
+    def __init__(self, lcfg, run_dir: Path, config: dict, name: str, group: str | None, tags: list[str]):
+        self.path = Path(run_dir) / "train_log.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a")
+        self.wandb = None
+        if lcfg.name == "wandb":
+            wdir = Path(run_dir) / "wandb"
+            wdir.mkdir(parents=True, exist_ok=True)
+            for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+                os.environ.setdefault(var, str(wdir))
+            os.environ.setdefault("WANDB_MODE", lcfg.mode)
+            import wandb
+
+            self.wandb = wandb.init(project=lcfg.project, entity=lcfg.get("entity"), dir=str(wdir), mode=lcfg.mode,
+                                    name=name, group=group, tags=tags, config=config, reinit="finish_previous")
+
+    def log(self, data: dict, step: int | None = None) -> None:
+        self._f.write(json.dumps({"step": step, **data}) + "\n")
+        self._f.flush()
+        if self.wandb is not None:
+            self.wandb.log(data, step=step)
+
+    def summary(self, data: dict) -> None:
+        if self.wandb is not None:
+            for k, v in data.items():
+                self.wandb.summary[k] = v
+
+    def finish(self, failed: bool = False) -> None:
+        self._f.close()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1 if failed else 0)
+            self.wandb = None

@@ -1,0 +1,167 @@
+"""The one training loop, shared by every method and both stages, run by the DeepSpeed engine.
+
+On a CPU machine it runs in one process (``DS_ACCELERATOR=cpu``, gloo); under the
+``deepspeed`` launcher it runs unchanged with several ranks (each rank takes its shard of
+every global batch). Methods plug in through ``cwac.methods.Method`` hooks only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from cwac.data.prompts import collate_train, pad_id
+from cwac.methods import Method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)  # one row per optimizer step
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed for DeepSpeed; single-process defaults when no launcher."""
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                               "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def is_main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def deepspeed_config(tc: DictConfig) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": tc.micro_batch_size,
+        "gradient_accumulation_steps": tc.gradient_accumulation_steps,
+        "gradient_clipping": tc.max_grad_norm,
+        "zero_optimization": {"stage": tc.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": tc.precision == "bf16"},
+        "fp16": {"enabled": tc.precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    extra = tc.get("deepspeed_extra")
+    if extra:
+        cfg.update(OmegaConf.to_container(extra, resolve=True))
+    return cfg
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        raise ValueError(f"training.lr_schedule must be constant, linear or cosine, got {schedule!r}")
+    return f
+
+
+def batch_order(n: int, epochs: int, seed: int) -> list[int]:
+    """Deterministic example order over all epochs (a fresh permutation per epoch)."""
+    order: list[int] = []
+    for e in range(epochs):
+        g = torch.Generator().manual_seed(seed * 1000 + e)
+        order += torch.randperm(n, generator=g).tolist()
+    return order
+
+
+def plan_steps(n_examples: int, tc: DictConfig, world: int) -> int:
+    global_batch = tc.micro_batch_size * tc.gradient_accumulation_steps * world
+    per_epoch = max(1, n_examples // global_batch)  # drop the last partial global batch
+    steps = per_epoch * tc.epochs
+    if tc.get("max_steps"):
+        steps = min(steps, tc.max_steps)
+    return steps
+
+
+def train(model: torch.nn.Module, features: list[dict], method: Method, tc: DictConfig, tokenizer,
+          seed: int, logger=None, desc: str = "train") -> TrainResult:
+    """Train ``model`` in place on tokenised ``features`` with ``method``'s hooks."""
+    import deepspeed
+
+    rank, world = init_distributed()
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("no trainable parameters: the method froze everything")
+    steps = plan_steps(len(features), tc, world)
+    opt = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.lr_schedule, int(tc.warmup_ratio * steps), steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                           config=deepspeed_config(tc))
+    handles = [p.register_hook(fn) for p, fn in method.grad_hooks(engine.module).items()]
+
+    order = batch_order(len(features), tc.epochs, seed)
+    mb, acc = tc.micro_batch_size, tc.gradient_accumulation_steps
+    pad = pad_id(tokenizer)
+    history: list[dict] = []
+    t0 = time.time()
+    pos = 0
+    bar = tqdm(range(steps), desc=desc, disable=not is_main_process() or not tc.get("progress", True), dynamic_ncols=True)
+    try:
+        for step in bar:
+            sums: dict[str, float] = {}
+            for _ in range(acc):
+                global_ids = order[pos: pos + mb * world]
+                pos += mb * world
+                ids = global_ids[rank * mb: (rank + 1) * mb]
+                batch = collate_train([features[i] for i in ids], pad)
+                batch = method.replace_batch(batch, step)
+                out = method.compute_loss(engine, batch, step)
+                loss = out.total
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss at step {step}: { {k: float(v) for k, v in out.losses.items()} }")
+                engine.backward(loss)
+                engine.step()
+                for k, v in out.losses.items():
+                    sums[f"losses/{k}"] = sums.get(f"losses/{k}", 0.0) + float(v.detach()) / acc
+                for k, v in out.metrics.items():
+                    sums[f"metrics/{k}"] = sums.get(f"metrics/{k}", 0.0) + float(v) / acc
+            sums["losses/total"] = sum(v for k, v in sums.items() if k.startswith("losses/"))
+            for k, v in method.after_step(engine.module, step).items():
+                sums[f"metrics/{k}"] = float(v)
+            sums["lr"] = sched.get_last_lr()[0]
+            gn = engine.get_global_grad_norm()
+            if gn is not None:
+                sums["grad_norm"] = float(gn)
+            sums["step"] = step + 1
+            history.append(sums)
+            bar.set_postfix(loss=f"{sums['losses/total']:.3f}")
+            if logger is not None and ((step + 1) % tc.log_every == 0 or step + 1 == steps):
+                logger.log({f"{desc}/{k}": v for k, v in sums.items() if k != "step"}, step=step + 1)
+    finally:
+        for h in handles:
+            h.remove()
+    model.eval()
+    return TrainResult(steps=steps, seconds=time.time() - t0, history=history)

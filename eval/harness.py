@@ -1,0 +1,86 @@
+"""Run HS, over-refusal and FA on one model and write every generation with its label.
+
+Outputs (in ``out_dir``): ``samples_hs_<set>.jsonl``, ``samples_harmless.jsonl``,
+``samples_fa_<task>.jsonl``; returns the metrics dict stored in the result record.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from cwac.data.examples import Example
+from cwac.data.harmful import harmless_eval_prompts, prompt_set
+from cwac.data.tasks import load_task
+from eval.backends import GenerationBackend
+from eval.judges import Judge, is_refusal
+from eval.scorers import score
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _take(items, n):
+    items = list(items)
+    if n is not None and n > len(items):
+        raise ValueError(f"asked for {n} evaluation rows but the set has {len(items)}; lower the count")
+    return items if n is None else items[:n]
+
+
+def evaluate(backend: GenerationBackend, judge: Judge, ecfg: DictConfig, task: str | None, out_dir: Path,
+             judge_threshold: float = 0.5) -> dict:
+    """Evaluate one model.
+
+    Args:
+        ecfg: the ``eval`` config node (sets, counts, max_new_tokens, FA match mode).
+        task: the fine-tuning task whose FA to score (None skips FA).
+    """
+    out_dir = Path(out_dir)
+    metrics: dict = {"hs_by_set": {}, "counts": {}, "seconds": {}}
+    flagged_total = n_total = 0
+    for s in ecfg.hs_sets:
+        t0 = time.time()
+        prompts = _take(prompt_set(s), ecfg.hs_n)
+        answers = backend.generate([Example(p) for p in prompts], ecfg.hs_max_new_tokens, desc=f"HS {s}")
+        labels = judge.predict(prompts, answers, judge_threshold)
+        _write_jsonl(out_dir / f"samples_hs_{s}.jsonl",
+                     [{"prompt": p, "answer": a, **lab} for p, a, lab in zip(prompts, answers, labels)])
+        flagged = sum(lab["flagged"] for lab in labels)
+        metrics["hs_by_set"][s] = 100.0 * flagged / len(prompts)
+        metrics["counts"][f"hs_{s}"] = len(prompts)
+        metrics["seconds"][f"hs_{s}"] = round(time.time() - t0, 2)
+        flagged_total += flagged
+        n_total += len(prompts)
+    metrics["hs"] = 100.0 * flagged_total / n_total if n_total else None
+
+    if ecfg.harmless_n:
+        t0 = time.time()
+        prompts = _take(harmless_eval_prompts(ecfg.harmless_set), ecfg.harmless_n)
+        answers = backend.generate([Example(p) for p in prompts], ecfg.hs_max_new_tokens, desc="harmless")
+        refused = [is_refusal(a) for a in answers]
+        _write_jsonl(out_dir / "samples_harmless.jsonl",
+                     [{"prompt": p, "answer": a, "refusal": r} for p, a, r in zip(prompts, answers, refused)])
+        metrics["over_refusal"] = 100.0 * sum(refused) / len(prompts)
+        metrics["counts"]["harmless"] = len(prompts)
+        metrics["seconds"]["harmless"] = round(time.time() - t0, 2)
+
+    if task is not None and ecfg.fa_n != 0:
+        t0 = time.time()
+        n = ecfg.fa_n_by_task.get(task) if ecfg.fa_n is None else ecfg.fa_n
+        rows = load_task(task, "eval", n)
+        answers = backend.generate(rows, ecfg.fa_max_new_tokens_by_task[task], desc=f"FA {task}")
+        correct = [score(task, a, r.label, ecfg.fa_match) for a, r in zip(answers, rows)]
+        _write_jsonl(out_dir / f"samples_fa_{task}.jsonl",
+                     [{"input": r.input or r.instruction, "label": r.label, "answer": a, "correct": c}
+                      for r, a, c in zip(rows, answers, correct)])
+        metrics["fa"] = 100.0 * sum(correct) / len(rows)
+        metrics["counts"][f"fa_{task}"] = len(rows)
+        metrics["seconds"][f"fa_{task}"] = round(time.time() - t0, 2)
+    return metrics
