@@ -54,8 +54,8 @@ def start_model(cfg: DictConfig, store: ArtifactStore) -> tuple[str, str | None]
 
     path = resolve_model_path(cfg.model, store)
     if cfg.model.align:
-        key = {"source": cfg.model.source, "tiny": OmegaConf.to_container(cfg.model.get("tiny"), resolve=True),
-               "gguf": OmegaConf.to_container(cfg.model.get("gguf"), resolve=True), "path": cfg.model.get("path")}
+        m = OmegaConf.to_container(cfg.model, resolve=True)
+        key = {k: m.get(k) for k in ("source", "tiny", "gguf", "path")}
         return str(ensure_aligned(cfg, store, path, key)), path
     return path, cfg.model.get("base_path")
 

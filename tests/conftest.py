@@ -1,0 +1,71 @@
+"""Shared fixtures: offline environment, composing the real ``conf/`` tree, a tiny model.
+
+Every test composes the project's own configs (Hydra Compose API) and shrinks them with
+``budget=smoke`` and ``model=tiny``; nothing reaches the network.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cwac.utils import OFFLINE_ENV
+
+for _k, _v in {**OFFLINE_ENV, "WANDB_MODE": "disabled"}.items():
+    os.environ[_k] = _v
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose(*overrides: str, runs: Path | None = None, artifacts: Path | None = None):
+    """The project's config with ``overrides`` (Hydra Compose API)."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    extra = []
+    if runs is not None:
+        extra.append(f"paths.runs={runs}")
+    if artifacts is not None:
+        extra.append(f"paths.artifacts={artifacts}")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hcompose(config_name="config", overrides=[*overrides, *extra])
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir(tmp_path_factory) -> Path:
+    """Artifacts shared by the whole session (the tiny model is built once)."""
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, artifacts_dir):
+    """Factory: ``tiny_cfg("method=sft", ...)`` -> a smoke-sized config on the tiny Llama."""
+
+    def make(*overrides: str):
+        return compose("model=tiny", "budget=smoke", "logger=none", *overrides, runs=tmp_path / "runs",
+                       artifacts=artifacts_dir)
+
+    return make
+
+
+@pytest.fixture
+def tiny_model(tiny_cfg):
+    """(model, tokenizer, formatter, cfg) for the tiny Llama."""
+    from cwac.artifacts import ArtifactStore
+    from cwac.data.prompts import PromptFormatter
+    from cwac.models import load_model, resolve_model_path
+
+    cfg = tiny_cfg()
+    path = resolve_model_path(cfg.model, ArtifactStore(cfg.paths.artifacts))
+    model, tok = load_model(path)
+    return model, tok, PromptFormatter(tok, cfg.model.prompt_format), cfg
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    from cwac.utils import seed_everything
+
+    seed_everything(0)

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import pytest
+
+from cwac.artifacts import ArtifactStore
+
+
+def test_built_once_reused_and_rebuilt_on_key_change(tmp_path):
+    store = ArtifactStore(tmp_path)
+    calls = []
+
+    def build(d):
+        calls.append(d)
+        (d / "x.txt").write_text("hi")
+        return {"n": 1}
+
+    p1 = store.get_or_build("k", {"a": 1}, build)
+    p2 = store.get_or_build("k", {"a": 1}, build)
+    p3 = store.get_or_build("k", {"a": 2}, build)
+    assert p1 == p2 != p3 and len(calls) == 2
+    assert (p1 / "x.txt").read_text() == "hi" and ArtifactStore.meta(p1)["meta"] == {"n": 1}
+
+
+def test_failed_build_leaves_nothing_usable(tmp_path):
+    store = ArtifactStore(tmp_path)
+
+    def boom(d):
+        (d / "half.bin").write_text("partial")
+        raise RuntimeError("killed mid-build")
+
+    with pytest.raises(RuntimeError):
+        store.get_or_build("k", {"a": 1}, boom)
+    assert not store.exists("k", {"a": 1})
+    assert not any(p.name.startswith(".") and "tmp" in p.name for p in (tmp_path / "k").iterdir())

@@ -1,0 +1,82 @@
+"""Data layer: real files, mixes, clear errors, disjointness."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cwac.data import files
+from cwac.data.files import DataError, read_csv, read_json_list
+from cwac.data.harmful import (EVAL_HARMFUL_SETS, assert_disjoint, beavertails_pairs, held_in_harmful_prompts,
+                               prompt_set)
+from cwac.data.mix import build_finetune_mix
+from cwac.data.tasks import load_task
+from cwac.utils import normalize_prompt
+
+
+def test_task_splits_have_protocol_sizes_and_labels():
+    assert len(load_task("sst2", "eval")) == 872
+    assert len(load_task("agnews", "eval", 1000)) == 1000
+    assert len(load_task("gsm8k", "eval", 1000)) == 1000
+    sst = load_task("sst2", "train", 50)
+    assert {e.output for e in sst} == {"positive", "negative"} and all(e.input for e in sst)
+    ag = load_task("agnews", "train", 200)
+    assert {e.label for e in ag} <= {"World", "Sports", "Business", "Sci/Tech"}
+    g = load_task("gsm8k", "train", 3)
+    assert all("The final answer is: " in e.output and "####" not in e.output for e in g)
+
+
+def test_mix_sizes_and_determinism():
+    a = build_finetune_mix("sst2", 100, 0.2, seed=1)
+    b = build_finetune_mix("sst2", 100, 0.2, seed=1)
+    c = build_finetune_mix("sst2", 100, 0.2, seed=2)
+    assert len(a) == 100 and sum(e.source == "beavertails" for e in a) == 20
+    assert a == b and a != c
+    assert sorted(map(str, a)) == sorted(map(str, c))  # same rows, other order
+    assert sum(e.source == "beavertails" for e in build_finetune_mix("sst2", 100, 0.0, seed=1)) == 0
+
+
+def test_too_many_harmful_rows_says_how_many_exist():
+    n = len(beavertails_pairs())
+    assert n == 200
+    with pytest.raises(DataError, match=r"asks for 500 harmful rows.*has only 200"):
+        build_finetune_mix("sst2", 5000, 0.1, seed=0)
+
+
+def test_bad_rows_name_file_and_row(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text(json.dumps([{"prompt": "a"}, {"other": 1}]))
+    with pytest.raises(DataError, match=r"x.json, row 1: missing field"):
+        read_json_list(p, ["prompt"])
+    c = tmp_path / "y.csv"
+    c.write_text("goal,target\nok,fine\nbad,row,extra\n")
+    with pytest.raises(DataError, match=r"y.csv, line 3: too many fields"):
+        read_csv(c, ["goal", "target"])
+    with pytest.raises(DataError, match="does not exist"):
+        files.data_path("nope/missing.csv")
+
+
+def test_checksum_mismatch_is_reported(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    (root / "sst2").mkdir(parents=True)
+    (root / "sst2" / "dev.tsv").write_text("sentence\tlabel\nedited\t1\n")
+    (root / "MANIFEST.json").write_text(json.dumps({"sst2/dev.tsv": "0" * 64}))
+    monkeypatch.setattr(files, "DATA_ROOT", root)
+    files._manifest.cache_clear()
+    files._verified.clear()
+    try:
+        with pytest.raises(DataError, match="modified or corrupted"):
+            files.data_path("sst2/dev.tsv")
+    finally:
+        files._manifest.cache_clear()
+        files._verified.clear()
+
+
+def test_held_in_harmful_prompts_are_disjoint_from_every_eval_set():
+    held = held_in_harmful_prompts()
+    assert len(held) > 500
+    ev = {normalize_prompt(p) for s in EVAL_HARMFUL_SETS for p in prompt_set(s)}
+    assert not ev & {normalize_prompt(p) for p in held}
+    with pytest.raises(AssertionError, match="also appear in evaluation set"):
+        assert_disjoint([prompt_set("harmbench_test")[0]])
