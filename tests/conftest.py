@@ -45,8 +45,9 @@ def tiny_cfg(tmp_path, artifacts_dir):
     """Factory: ``tiny_cfg("method=sft", ...)`` -> a smoke-sized config on the tiny Llama."""
 
     def make(*overrides: str):
+        own = any(o.startswith("paths.artifacts=") for o in overrides)
         return compose("model=tiny", "budget=smoke", "logger=none", *overrides, runs=tmp_path / "runs",
-                       artifacts=artifacts_dir)
+                       artifacts=None if own else artifacts_dir)
 
     return make
 

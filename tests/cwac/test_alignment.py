@@ -1,0 +1,50 @@
+"""The alignment stage: an artifact built once, reused by later runs, rebuilt on config change."""
+
+from __future__ import annotations
+
+from cwac.alignment import alignment_rows, refusal_text
+from cwac.artifacts import ArtifactStore
+from cwac.data.harmful import EVAL_HARMFUL_SETS, prompt_set
+from cwac.pipeline import run_cell
+from cwac.utils import normalize_prompt
+from eval.judges import is_refusal
+
+
+def _aligned_dirs(artifacts):
+    return sorted(p for p in (artifacts / "aligned").iterdir() if (p / "artifact.json").exists())
+
+
+def test_alignment_artifact_reused_then_rebuilt(tiny_cfg, tmp_path):
+    artifacts = tmp_path / "own-artifacts"
+    cfg = tiny_cfg("model.align=true", "stage=align", f"paths.artifacts={artifacts}")
+    rec = run_cell(cfg)
+    assert rec["status"] == "complete" and rec["stage"] == "align"
+    first = _aligned_dirs(artifacts)
+    assert len(first) == 1
+    meta = ArtifactStore.meta(first[0])
+    assert meta["meta"]["steps"] > 0 and meta["meta"]["method"] == "sft"
+    # a fine-tuning cell on the same model reuses the artifact (same folder, same build time)
+    ft = run_cell(tiny_cfg("model.align=true", "method=sft", f"paths.artifacts={artifacts}"))
+    assert ft["info"]["start_model"] == str(first[0])
+    assert ArtifactStore.meta(first[0])["created"] == meta["created"]
+    assert ft["info"]["base_model"] != ft["info"]["start_model"]
+    # a changed recipe builds a second artifact
+    run_cell(tiny_cfg("model.align=true", "stage=align", "alignment.n_harmful=12", f"paths.artifacts={artifacts}"))
+    assert len(_aligned_dirs(artifacts)) == 2
+
+
+def test_alignment_prompts_are_disjoint_from_evaluation(tiny_cfg):
+    cfg = tiny_cfg()
+    rows = alignment_rows(cfg.alignment, seed=0)
+    harmful = [r.instruction for r in rows if r.source == "refusal"]
+    assert len(harmful) == cfg.alignment.n_harmful
+    ev = {normalize_prompt(p) for s in EVAL_HARMFUL_SETS for p in prompt_set(s)}
+    assert not ev & {normalize_prompt(p) for p in harmful}
+
+
+def test_refusals_are_varied_deterministic_and_judged_as_refusals():
+    prompts = list(prompt_set("advbench"))[:100]
+    texts = [refusal_text(p, 0) for p in prompts]
+    assert texts == [refusal_text(p, 0) for p in prompts]
+    assert len(set(texts)) > 50
+    assert all(is_refusal(t) for t in texts)
