@@ -1,0 +1,243 @@
+"""Read run folders into table rows: one ``Result`` per complete fine-tuning record.
+
+Everything here comes from the files a run writes (``record.json``, ``started.json``,
+``train_log.jsonl``), never from W&B. A record counts only when its status is
+``complete`` and its stage is ``finetune``; failed records and killed runs (a
+``started.json`` with no record) are listed in the coverage report instead.
+
+A cell is identified by its axes, read from ``record["config"]``: model, task, harmful
+ratio p, method and seed. Two records that share the axes but differ anywhere else must
+not be averaged together, so every record also gets
+
+* a **setting**: the hash of its config without the axes (budget sizes, training and
+  evaluation protocol, judge, alignment recipe); each setting gets its own tables;
+* **variant labels** for the axes whose node differs from the most common node of that
+  name (e.g. a CWAC run with another lambda becomes ``CWAC [lam=1.0]``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cwac.utils import stable_hash
+
+log = logging.getLogger(__name__)
+
+# Config keys that never change what a cell computes, or that are an axis (handled apart).
+NON_SEMANTIC = ("paths", "logger", "skip_complete", "sweep_name", "offline", "threads", "eval.progress",
+                "training.progress")
+AXIS_NODES = ("model", "task", "method", "alignment.method")
+AXES = ("seed", "stage", "harmful.ratio", *AXIS_NODES)
+
+
+@dataclass
+class Result:
+    """One complete fine-tuning record, reduced to what tables and plots need."""
+
+    model: str          # model label (name, plus a variant suffix when needed)
+    task: str
+    p: float
+    method: str         # method label (alignment-stage method folded in, plus a variant suffix)
+    seed: int
+    setting: str        # hash of the config without the axes
+    hs: float | None
+    fa: float | None
+    over_refusal: float | None
+    run_dir: Path
+    finished: str
+    config: dict = field(repr=False)
+    git: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Coverage:
+    """What a runs folder holds besides the usable records."""
+
+    complete: int = 0
+    skipped_stage: int = 0                                   # complete records of stage=align
+    failed: list[dict] = field(default_factory=list)          # {"cell", "run_dir", "error"}
+    unfinished: list[dict] = field(default_factory=list)      # started.json without a record
+    duplicates: list[dict] = field(default_factory=list)      # superseded records of the same cell
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are kept as values)."""
+    out: dict = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _drop(flat: dict, prefixes) -> dict:
+    return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in prefixes)}
+
+
+def setting_of(config: dict, ignore: tuple[str, ...] = ()) -> dict:
+    """The part of a config that is neither an axis nor bookkeeping (flattened)."""
+    return _drop(flatten(config), (*NON_SEMANTIC, *AXES, *ignore))
+
+
+def node(config: dict, path: str) -> dict:
+    cur = config
+    for part in path.split("."):
+        cur = cur.get(part, {}) if isinstance(cur, dict) else {}
+    return cur if isinstance(cur, dict) else {}
+
+
+def _iter_run_dirs(roots: list[Path]):
+    for root in roots:
+        for started in sorted(Path(root).rglob("started.json")):
+            yield started.parent
+        for rec in sorted(Path(root).rglob("record.json")):
+            if not (rec.parent / "started.json").exists():  # records copied without their started.json
+                yield rec.parent
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _variant_labels(records: list[dict], path: str, ignore: tuple[str, ...]) -> list[str]:
+    """Name of each record's ``path`` node, with ``[k=v, ...]`` when it differs from the modal
+    node of that name (so that two CWAC configurations never share a row)."""
+    nodes = [{k: v for k, v in flatten(node(r["config"], path)).items()
+              if not any(k == i or k.startswith(i + ".") for i in ignore)} for r in records]
+    keyed = [stable_hash(n) for n in nodes]
+    by_name: dict[str, Counter] = defaultdict(Counter)
+    for n, h in zip(nodes, keyed):
+        by_name[str(n.get("name"))][h] += 1
+    modal = {}
+    for name, counts in by_name.items():
+        h = counts.most_common(1)[0][0]
+        modal[name] = next(n for n, k in zip(nodes, keyed) if k == h)
+    out = []
+    for n in nodes:
+        name = str(n.get("name"))
+        ref = modal[name]
+        diff = sorted(k for k in set(n) | set(ref) if n.get(k) != ref.get(k))
+        if not diff:
+            out.append(name)
+        elif len(diff) <= 3:
+            out.append(f"{name} [{', '.join(f'{k}={n.get(k)}' for k in diff)}]")
+        else:
+            out.append(f"{name} [{stable_hash(n, 6)}]")
+    return out
+
+
+def method_label(config: dict, method: str, align_method: str) -> str:
+    """Fold an alignment-stage defence (Vaccine) into the row label: ``vaccine`` when the
+    fine-tuning method is plain SFT or the same method (``method=vaccine
+    method@alignment.method=vaccine``), ``vaccine+<method>`` otherwise. Only models that run
+    our alignment stage (``model.align``) have one."""
+    name = str(node(config, "alignment.method").get("name", "sft"))
+    if not node(config, "model").get("align") or name == "sft":
+        return method
+    if method == "sft":
+        return align_method
+    if method.partition(" [")[0] == name and align_method == name:
+        return method
+    return f"{align_method}+{method}"
+
+
+def load_results(roots: list[str | Path], ignore: tuple[str, ...] = ()) -> tuple[list[Result], Coverage]:
+    """Complete fine-tuning records under ``roots`` (searched recursively) and the coverage.
+
+    Args:
+        roots: runs folders (``paths.runs``), each holding ``<cell>-<hash>/record.json``.
+        ignore: extra dotted config keys to leave out of the setting and variant comparison
+            (e.g. ``eval.batch_size`` when batch size should not split tables).
+    """
+    cov = Coverage()
+    seen: set[Path] = set()
+    records: list[dict] = []
+    for run_dir in _iter_run_dirs([Path(r) for r in roots]):
+        run_dir = run_dir.resolve()
+        if run_dir in seen:
+            continue
+        seen.add(run_dir)
+        rec = _read_json(run_dir / "record.json")
+        if rec is None:
+            started = _read_json(run_dir / "started.json") or {}
+            cov.unfinished.append({"cell": started.get("cell", run_dir.name), "run_dir": str(run_dir),
+                                   "started": started.get("started")})
+            continue
+        if rec.get("status") != "complete":
+            cov.failed.append({"cell": rec.get("cell", run_dir.name), "run_dir": str(run_dir),
+                               "error": rec.get("error")})
+            continue
+        if rec.get("stage", node(rec, "config").get("stage")) != "finetune":
+            cov.skipped_stage += 1
+            continue
+        rec["_run_dir"] = run_dir
+        records.append(rec)
+
+    models = _variant_labels(records, "model", ignore)
+    tasks = _variant_labels(records, "task", ignore)
+    methods = _variant_labels(records, "method", ignore)
+    aligns = _variant_labels(records, "alignment.method", ignore)
+    results: dict[tuple, Result] = {}
+    for rec, m, t, me, al in zip(records, models, tasks, methods, aligns):
+        cfg = rec["config"]
+        metrics = rec.get("metrics", {})
+        res = Result(model=m, task=t, p=float(node(cfg, "harmful").get("ratio", 0.0)),
+                     method=method_label(cfg, me, al), seed=int(rec.get("seed", cfg.get("seed", 0))),
+                     setting=stable_hash(setting_of(cfg, ignore), 6), hs=metrics.get("hs"), fa=metrics.get("fa"),
+                     over_refusal=metrics.get("over_refusal"), run_dir=rec["_run_dir"],
+                     finished=str(rec.get("finished", "")), config=cfg, git=rec.get("git") or {})
+        key = (res.setting, res.model, res.task, res.p, res.method, res.seed)
+        old = results.get(key)
+        if old is not None:  # same cell twice (e.g. two runs folders): keep the newest, report the other
+            keep, drop = (res, old) if res.finished >= old.finished else (old, res)
+            results[key] = keep
+            cov.duplicates.append({"cell": rec.get("cell"), "kept": str(keep.run_dir), "dropped": str(drop.run_dir)})
+            continue
+        results[key] = res
+    cov.complete = len(results)
+    return list(results.values()), cov
+
+
+def setting_diff(results: list[Result], setting: str, reference: str, ignore: tuple[str, ...] = ()) -> dict:
+    """Config keys whose value differs between two settings: {key: (value, reference value)}."""
+    a = next(r for r in results if r.setting == setting)
+    b = next(r for r in results if r.setting == reference)
+    fa, fb = setting_of(a.config, ignore), setting_of(b.config, ignore)
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
+
+
+def read_train_log(run_dir: Path, stage: str = "finetune") -> list[dict]:
+    """Rows of ``train_log.jsonl`` for ``stage``, keys without the stage prefix.
+
+    A rerun of a killed cell appends to the same log, so only the last run (the rows after
+    the last time the step counter went back) is returned.
+    """
+    path = Path(run_dir) / "train_log.jsonl"
+    if not path.exists():
+        return []
+    rows: list[dict] = []
+    prefix = f"{stage}/"
+    last_step = None
+    for line in path.read_text().splitlines():
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a half-written last line of a killed run
+        vals = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix) and isinstance(v, (int, float))}
+        step = raw.get("step")
+        if not vals or step is None:
+            continue
+        if last_step is not None and step <= last_step:
+            rows = []
+        rows.append({"step": step, **vals})
+        last_step = step
+    return rows
