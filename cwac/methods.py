@@ -140,5 +140,6 @@ METHODS: Registry[Method] = Registry("method", Method)
 def get_method(name: str) -> type[Method]:
     """Look a method up by name, after importing every module that registers methods."""
     import baselines  # noqa: F401  (registers the baselines)
+    import cwac.method  # noqa: F401  (registers cwac, cwac_weight_only, cwac_act_only)
 
     return METHODS.get(name)

@@ -1,0 +1,191 @@
+"""CWAC overhead: training-step time of CWAC (and its parts) against SFT in one process, plus the
+one-off cost of the offline pieces (refusal filter, subspace, SAE, latents).
+
+    python benchmarks/cwac_overhead.py                       # tiny Llama (seconds)
+    python benchmarks/cwac_overhead.py --model smollm2_135m  # the organism (minutes; needs the
+                                                             # aligned artifact under --artifacts)
+    python benchmarks/cwac_overhead.py --threads 1 --steps 40 --repeats 2
+
+The paper reports ~44-46 min per epoch for CWAC vs ~42 min for SFT on Llama-2-7B (< 10%
+overhead) and ~18 min (SVD) + ~6.5 h (SAE) one-off (paper.md §5, §8). Every configuration
+trains the same rows from a fresh copy of the start model through the project's DeepSpeed loop
+(``cwac.trainer.train``); a step's time is the wall time between the ends of consecutive
+optimizer steps (forward, backward, step and the method's ``after_step``), warm-up steps
+dropped, median over the rest. Configurations are interleaved ``--repeats`` times so that load
+from other processes hits all of them alike. The one-off builds go to a fresh temporary
+artifact folder (the start model is read from ``--artifacts``). Writes
+``results/benchmarks/cwac_overhead_<model>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name -> extra overrides of the method node (all on top of method=<method>)
+CONFIGS = {
+    "sft": ("sft", []),
+    "cwac": ("cwac", []),
+    "cwac_update": ("cwac", ["method.weight.mode=update"]),
+    "cwac_weight_only": ("cwac_weight_only", []),
+    "cwac_weight_only_update": ("cwac_weight_only", ["method.weight.mode=update"]),
+    "cwac_act_only": ("cwac_act_only", []),
+    "cwac_all_linear_update": ("cwac", ["method.weight.targets=all", "method.weight.mode=update"]),
+}
+BUDGET = {"tiny": "smoke", "smollm2_135m": "cpu"}
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hcompose(config_name="config", overrides=overrides)
+
+
+def start_path(cfg, store) -> str:
+    from cwac.alignment import alignment_key
+    from cwac.models import resolve_model_path
+    from omegaconf import OmegaConf
+
+    path = resolve_model_path(cfg.model, store)
+    if not cfg.model.align:
+        return path
+    m = OmegaConf.to_container(cfg.model, resolve=True)
+    key = alignment_key(cfg, {k: m.get(k) for k in ("source", "tiny", "gguf", "path")})
+    if not store.exists("aligned", key):
+        raise SystemExit(f"the aligned model for {cfg.model.name} is not in {store.root}; build it first with "
+                         "`python run.py stage=align` (this benchmark never trains the alignment stage)")
+    return str(store.path_for("aligned", key))
+
+
+def time_config(name: str, method_name: str, extra: list[str], args, model_path: str, bench_store, feats_cache: dict):
+    """Per-step seconds of one configuration (after warm-up) and, for CWAC, its prepare info."""
+    import torch
+    from cwac.data.mix import build_finetune_mix
+    from cwac.data.prompts import PromptFormatter
+    from cwac.methods import TrainContext, get_method
+    from cwac.models import load_model
+    from cwac.trainer import train
+
+    steps = args.warmup + args.steps
+    cfg = compose([f"model={args.model}", f"budget={BUDGET[args.model]}", "logger=none", f"method={method_name}",
+                   f"training.max_steps={steps}", "training.epochs=100", "training.progress=false",
+                   *args.override, *extra])
+    model, tok = load_model(model_path, cfg.model.dtype)
+    fmt = PromptFormatter(tok, cfg.model.prompt_format, cfg.model.get("system_prompt"))
+    if "feats" not in feats_cache:
+        rows = build_finetune_mix(cfg.task.name, cfg.harmful.n_total, cfg.harmful.ratio, cfg.seed)
+        feats_cache["feats"] = [fmt.train_features(e, cfg.training.max_len) for e in rows]
+    ctx = TrainContext(cfg=cfg, tokenizer=tok, formatter=fmt, store=bench_store, run_dir=Path(args.tmp),
+                       stage="finetune", start_model_path=model_path)
+    method = get_method(cfg.method.name)(cfg.method, ctx)
+    t = time.time()
+    method.prepare(model)
+    prepare_s = time.time() - t
+    marks: list[float] = []
+    inner = method.after_step
+
+    def timed_after_step(m, step):
+        out = inner(m, step)
+        marks.append(time.perf_counter())
+        return out
+
+    method.after_step = timed_after_step
+    torch.manual_seed(cfg.seed)
+    train(model, feats_cache["feats"], method, cfg.training, tok, cfg.seed, desc=name)
+    per_step = [b - a for a, b in zip(marks, marks[1:])][max(0, args.warmup - 1):]
+    info = method.record_info() if hasattr(method, "info") else {}
+    return per_step, prepare_s, info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="tiny", choices=sorted(BUDGET))
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per configuration and repeat")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a loaded 2-core box)")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    ap.add_argument("--artifacts", default=os.environ.get("CWAC_ARTIFACTS", str(ROOT / "artifacts")),
+                    help="where the start model (tiny / aligned organism) lives")
+    ap.add_argument("--out", default=str(ROOT / "results" / "benchmarks"))
+    ap.add_argument("override", nargs="*", help="extra Hydra overrides for every configuration")
+    args = ap.parse_args()
+
+    from cwac.utils import OFFLINE_ENV
+
+    for k, v in {**OFFLINE_ENV, "WANDB_MODE": "disabled"}.items():
+        os.environ.setdefault(k, v)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from cwac.artifacts import ArtifactStore
+
+    names = [c for c in args.configs.split(",") if c]
+    unknown = set(names) - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"unknown configs {sorted(unknown)}; valid: {', '.join(CONFIGS)}")
+    base = compose([f"model={args.model}", f"budget={BUDGET[args.model]}", "logger=none", *args.override])
+    model_path = start_path(base, ArtifactStore(args.artifacts))
+    with tempfile.TemporaryDirectory(prefix="cwac_bench_") as tmp:
+        args.tmp = tmp
+        bench_store = ArtifactStore(Path(tmp) / "artifacts")
+        feats: dict = {}
+        times: dict[str, list[float]] = {n: [] for n in names}
+        first_prepare: dict[str, float] = {}
+        infos: dict[str, dict] = {}
+        for r in range(args.repeats):
+            for n in names:
+                method_name, extra = CONFIGS[n]
+                per_step, prep, info = time_config(n, method_name, extra, args, model_path, bench_store, feats)
+                times[n] += per_step
+                if r == 0:
+                    first_prepare[n] = round(prep, 2)
+                    infos[n] = info
+                print(f"[repeat {r}] {n}: median step {statistics.median(per_step):.4f} s", flush=True)
+
+    sft = statistics.median(times["sft"]) if "sft" in times else None
+    result = {"model": args.model, "budget": BUDGET[args.model], "threads": torch.get_num_threads(),
+              "steps_timed": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+              "micro_batch_size": compose([f"model={args.model}", f"budget={BUDGET[args.model]}", *args.override]).training.micro_batch_size,
+              "configs": {}, "one_off": {}, "overrides": args.override,
+              "machine": {"cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "platform": platform.platform()},
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv)}
+    for n in names:
+        med = statistics.median(times[n])
+        result["configs"][n] = {"method": CONFIGS[n][0], "overrides": CONFIGS[n][1], "median_step_s": round(med, 5),
+                                "mean_step_s": round(statistics.mean(times[n]), 5), "n_steps": len(times[n]),
+                                "overhead_vs_sft_pct": round(100 * (med / sft - 1), 1) if sft else None}
+    for n in names:  # one-off costs: the first configuration that built each artifact
+        info = infos.get(n) or {}
+        for part in ("subspace", "sae", "latents"):
+            a = info.get(part)
+            if a and not a.get("reused") and part not in result["one_off"]:
+                result["one_off"][part] = {"build_seconds": a.get("build_seconds"), "built_by": n}
+        if info.get("prompts", {}).get("refusal_artifact") and "refusal_filter" not in result["one_off"]:
+            result["one_off"]["refusal_filter"] = {"prepare_pool_seconds": info["prepare_seconds"].get("pool"),
+                                                   "built_by": n}
+        if n != "sft" and info:
+            result["configs"][n]["prepare_seconds_first"] = first_prepare[n]
+            result["configs"][n]["rank_fraction_mean"] = info.get("subspace", {}).get("rank_fraction_mean")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"cwac_overhead_{args.model}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({n: c["overhead_vs_sft_pct"] for n, c in result["configs"].items()}), "\nwrote", path)
+
+
+if __name__ == "__main__":
+    main()
