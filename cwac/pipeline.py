@@ -68,16 +68,20 @@ def apply_lora(model, lcfg: DictConfig):
 
 
 def _evaluate(cfg, model, tok, fmt, run_dir: Path, task: str | None) -> dict:
-    from eval.backends import BACKENDS
+    from eval.backends import build_backend
     from eval.harness import evaluate
     from eval.judges import JUDGES
 
-    backend_cls = BACKENDS.get(cfg.eval.backend)
-    backend = backend_cls(model, tok, fmt, batch_size=cfg.eval.batch_size, progress=cfg.eval.progress)
     judge_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.judge, resolve=True).items() if k not in ("name", "threshold")}
     judge = JUDGES.get(cfg.judge.name)(**judge_kwargs)
-    metrics = evaluate(backend, judge, cfg.eval, task, run_dir / "samples", cfg.judge.threshold)
+    # eval.backend = hf | vllm | auto; vllm saves the model to <run_dir>/model (removed by close()).
+    backend = build_backend(cfg.eval, model, tok, fmt, run_dir, dtype=cfg.model.dtype, seed=cfg.seed)
+    try:
+        metrics = evaluate(backend, judge, cfg.eval, task, run_dir / "samples", cfg.judge.threshold)
+    finally:
+        backend.close()
     metrics["backend"] = backend.name
+    metrics["backend_info"] = backend.describe()
     metrics["judge"] = judge.describe()
     return metrics
 

@@ -23,8 +23,19 @@ class GenerationBackend:
     def generate(self, examples: list[Example], max_new_tokens: int, desc: str = "generate") -> list[str]:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the backend holds (a worker process, saved weights); no-op by default."""
+
+    def describe(self) -> dict:
+        return {"name": self.name, "reason": getattr(self, "choice_reason", None)}
+
 
 BACKENDS: Registry[GenerationBackend] = Registry("generation backend", GenerationBackend)
+
+
+def count_generated(rows: list[list[int]], eos: int) -> int:
+    """Generated tokens per row up to and including the first EOS (padding after it excluded)."""
+    return sum(r.index(eos) + 1 if eos in r else len(r) for r in rows)
 
 
 @BACKENDS.register("hf")
@@ -44,6 +55,7 @@ class HFBackend(GenerationBackend):
         self.fmt = formatter
         self.batch_size = batch_size
         self.progress = progress
+        self.generated_tokens = 0  # new tokens up to and including EOS (throughput accounting)
 
     @torch.no_grad()
     def generate(self, examples: list[Example], max_new_tokens: int, desc: str = "generate") -> list[str]:
@@ -64,6 +76,36 @@ class HFBackend(GenerationBackend):
             new = gen[:, enc["input_ids"].shape[1]:]
             for j, i in enumerate(b):
                 out[i] = self.tok.decode(new[j], skip_special_tokens=True).strip()
+            self.generated_tokens += count_generated(new.tolist(), self.tok.eos_token_id)
         if was_training:
             self.model.train()
         return out
+
+
+def build_backend(ecfg, model, tokenizer, formatter: PromptFormatter, run_dir=None, dtype: str = "float32",
+                  seed: int = 0) -> GenerationBackend:
+    """The backend named by ``eval.backend``: ``hf``, ``vllm`` or ``auto`` (vLLM when it is
+    installed and supports the model, else HF; ``describe()["reason"]`` says why). A vLLM
+    backend gets the model saved under ``<run_dir>/model`` (deleted on ``close()`` unless
+    ``eval.keep_model``)."""
+    from eval.vllm_backend import VLLMBackend, choose_backend
+
+    from omegaconf import DictConfig, OmegaConf
+
+    vcfg = ecfg.get("vllm") or {}
+    vcfg = OmegaConf.to_container(vcfg, resolve=True) if isinstance(vcfg, DictConfig) else dict(vcfg)
+    name, reason = choose_backend(ecfg.backend, model, vcfg)
+    if name == "hf":
+        backend: GenerationBackend = HFBackend(model, tokenizer, formatter, batch_size=ecfg.batch_size,
+                                               progress=ecfg.progress)
+        backend.choice_reason = reason
+        return backend
+    if run_dir is None:
+        raise ValueError("the vLLM backend needs a run_dir to save the model into")
+    from pathlib import Path
+
+    backend = VLLMBackend.from_model(model, tokenizer, formatter, Path(run_dir) / "model", dtype=dtype,
+                                     keep_model=bool(ecfg.get("keep_model", False)), seed=seed,
+                                     log_path=str(Path(run_dir) / "vllm_worker.log"), **vcfg)
+    backend.choice_reason = reason
+    return backend

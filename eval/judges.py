@@ -84,3 +84,7 @@ class KeywordRefusalJudge(Judge):
 
     def describe(self) -> dict:
         return {"name": self.name, "weights": None, "window": self.window, "n_phrases": len(REFUSAL_PHRASES)}
+
+
+# Model-based judges (beaver_dam, llama_guard) register themselves on import.
+from eval import model_judges  # noqa: E402,F401
