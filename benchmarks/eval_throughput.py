@@ -7,7 +7,8 @@
 Both backends greedily complete the same ``--prompts`` BeaverTails evaluation prompts (the HS
 workload) through the project's backends, with the model's chat format. Generated tokens are
 counted the same way for both (new token ids up to and including EOS,
-``eval.backends.count_generated``), so tokens/s compare like with like; vLLM's one-off engine start is reported apart and in an end-to-end figure.
+``eval.backends.count_generated``), so tokens/s compare like with like; vLLM's one-off engine
+start is reported apart and in an end-to-end figure.
 Backends are interleaved ``--repeats`` times so that load from other processes hits both alike
 (the load average is recorded). Writes ``results/benchmarks/eval_throughput_<model>.json``.
 """

@@ -145,7 +145,8 @@ def unsupported_reason(model, info: dict) -> str | None:
 
 # The DeepSpeed engine leaves its forward prologue/epilogue bookkeeping hooks on the trained
 # module; they do not change outputs (ZeRO-3's parameter-gathering hooks are not these).
-_BENIGN_HOOKS = ("DeepSpeedEngine._create_module_forward_pre_hook.", "DeepSpeedEngine._create_module_forward_post_hook.")
+_BENIGN_HOOKS = ("DeepSpeedEngine._create_module_forward_pre_hook.",
+                 "DeepSpeedEngine._create_module_forward_post_hook.")
 
 
 def _foreign_hooks(module) -> list:

@@ -20,8 +20,15 @@ import pytest
 import torch
 
 from eval.judges import JUDGES
-from eval.model_judges import (BEAVER_PROMPT, BEAVERTAILS_CATEGORIES, LLAMA_GUARD_3_CATEGORIES, BeaverDamJudge,
-                               LlamaGuardJudge, check_weights, parse_llama_guard)
+from eval.model_judges import (
+    BEAVER_PROMPT,
+    BEAVERTAILS_CATEGORIES,
+    LLAMA_GUARD_3_CATEGORIES,
+    BeaverDamJudge,
+    LlamaGuardJudge,
+    check_weights,
+    parse_llama_guard,
+)
 
 TRIGGER = " kill"
 BENIGN_ANSWER = "Here is a recipe for bread: mix flour, water and salt, then bake."

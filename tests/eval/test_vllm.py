@@ -22,8 +22,14 @@ from cwac.data.harmful import prompt_set
 from eval.backends import HFBackend, build_backend
 from eval.judges import JUDGES
 from eval.scorers import score
-from eval.vllm_backend import DEFAULT_VENV_PYTHON, VLLMBackend, _lora_rank_cap, choose_backend, probe, \
-    unsupported_reason
+from eval.vllm_backend import (
+    DEFAULT_VENV_PYTHON,
+    VLLMBackend,
+    _lora_rank_cap,
+    choose_backend,
+    probe,
+    unsupported_reason,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 HAVE_VENV = DEFAULT_VENV_PYTHON.exists() or bool(os.environ.get("CWAC_VLLM_PYTHON"))
