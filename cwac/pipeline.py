@@ -95,7 +95,8 @@ def run_cell(cfg: DictConfig) -> dict:
         log.info("complete record exists for this config at %s; skipping (skip_complete=false reruns)", run_dir)
         return read_record(run_dir)  # type: ignore[return-value]
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "record.json").unlink(missing_ok=True)
+    for stale in ("record.json", "train_log.jsonl"):  # a rerun of a crashed/killed cell starts clean
+        (run_dir / stale).unlink(missing_ok=True)
     index = Path(cfg.paths.runs) / "index.jsonl"
     base = {"run_dir": str(run_dir), "cell": cell_name(cfg), "config_hash": chash, "config": resolved(cfg),
             "seed": cfg.seed, "stage": cfg.stage, "git": git_info(), "packages": package_versions(),
