@@ -21,7 +21,9 @@ class Registry(Generic[T]):
         def deco(cls: type[T]) -> type[T]:
             if self.base is not None and not issubclass(cls, self.base):
                 raise TypeError(f"{cls.__name__} must subclass {self.base.__name__} to be a {self.kind}")
-            if name in self._items and self._items[name] is not cls:
+            old = self._items.get(name)
+            rerun = old is not None and "__main__" in (old.__module__, cls.__module__) and old.__qualname__ == cls.__qualname__
+            if old is not None and old is not cls and not rerun:  # (rerun: a module run with python -m)
                 raise KeyError(f"{self.kind} {name!r} is already registered by {self._items[name].__name__}")
             self._items[name] = cls
             cls.registry_name = name  # type: ignore[attr-defined]
