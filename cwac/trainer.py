@@ -42,9 +42,11 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:
+        # No launcher (or variables we set ourselves and a child process inherited, whose port
+        # the parent may still hold): a single-rank group on a fresh local port.
+        if "RANK" not in os.environ or os.environ.get("CWAC_SELF_RENDEZVOUS") == "1":
             os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-                               "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+                               "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "CWAC_SELF_RENDEZVOUS": "1"})
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()

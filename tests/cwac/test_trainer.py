@@ -83,3 +83,18 @@ def test_hooks_fire_and_named_losses_are_logged(tiny_model):
     assert res.steps == 2 and m.calls == {"after_step": 2, "replace_batch": 4}
     assert {"losses/task", "losses/extra", "losses/total", "metrics/probe", "metrics/after"} <= set(res.history[0])
     torch.testing.assert_close(model.model.embed_tokens.weight, emb0)  # its gradient was zeroed by the hook
+
+
+def test_child_process_does_not_reuse_an_inherited_rendezvous_port(tiny_model):
+    """A subprocess inherits our single-process rendezvous variables; it must pick its own port."""
+    import os
+    import subprocess
+    import sys
+
+    from cwac.trainer import init_distributed
+
+    init_distributed()  # this process now holds MASTER_PORT
+    code = "from cwac.trainer import init_distributed; print(init_distributed())"
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(0, 1)" in r.stdout

@@ -36,9 +36,9 @@ def test_parallel_processes_build_an_artifact_once(tmp_path):
     procs = [ctx.Process(target=_worker, args=(str(tmp_path / "artifacts"), barrier, str(log), out)) for _ in range(n)]
     for p in procs:
         p.start()
-    results = [out.get(timeout=60) for _ in range(n)]
+    results = [out.get(timeout=600) for _ in range(n)]
     for p in procs:
-        p.join(timeout=60)
+        p.join(timeout=600)
         assert p.exitcode == 0
     builders = log.read_text().split()
     assert len(builders) == 1                                   # built exactly once

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ["+sweep=ratio_cpu", "model=tiny", "budget=smoke", "logger=none", "method=sft"]
 
 
-def launch(*overrides: str, runs: Path, artifacts: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+def launch(*overrides: str, runs: Path, artifacts: Path, timeout: int = 1200) -> subprocess.CompletedProcess:  # a hang guard, not a speed test
     cmd = [sys.executable, "run.py", *TINY, *overrides, f"paths.runs={runs}", f"paths.artifacts={artifacts}"]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
