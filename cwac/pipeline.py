@@ -144,9 +144,7 @@ def _run(cfg: DictConfig, run_dir: Path, logger) -> dict:
     fmt = PromptFormatter(tok, cfg.model.prompt_format, cfg.model.get("system_prompt"))
     info: dict = {"start_model": start_path, "base_model": base_path}
     if cfg.model.align:
-        from cwac.artifacts import ArtifactStore as _S
-
-        info["alignment"] = _S.meta(start_path)
+        info["alignment"] = ArtifactStore.meta(start_path)
 
     if cfg.stage == "align":
         metrics = _evaluate(cfg, model, tok, fmt, run_dir, cfg.task.name)
