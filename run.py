@@ -30,4 +30,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    # the `deepspeed` launcher appends --local_rank=N (it also sets LOCAL_RANK); Hydra must not see it
+    sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     main()
