@@ -57,6 +57,24 @@ def make_method(name: str, ctx: TrainContext, **overrides):
     return get_method(name)(node, ctx)
 
 
+def prepared_on_weight_pair(name: str, tiny_model, weight_pair, tmp_path, *overrides, **method_cfg):
+    """(method, model, u, V): method ``name`` prepared on the aligned tiny weights of ``weight_pair``
+    (LoRA-wrapped when the overrides enable it), with the base weights as its reference."""
+    from cwac.models import load_model
+    from cwac.pipeline import apply_lora
+    from tests.conftest import compose
+
+    base, aligned, u, Vv = weight_pair
+    _, tok, fmt, _ = tiny_model
+    cfg = compose("model=tiny", "budget=smoke", *overrides)
+    model, _ = load_model(str(aligned))
+    if cfg.training.lora.enabled:
+        model = apply_lora(model, cfg.training.lora)
+    m = make_method(name, make_ctx(cfg, tok, fmt, tmp_path / "art", start=aligned, base=base), **method_cfg)
+    m.prepare(model)
+    return m, model, u, Vv
+
+
 def features(fmt, n: int = 8, max_len: int = 48, ratio: float = 0.25):
     from cwac.data.mix import build_finetune_mix
 

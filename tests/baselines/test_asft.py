@@ -9,9 +9,7 @@ import torch
 from baselines._common import lora_factors
 from baselines._weights import AlignmentSubspace, build_projector
 from baselines.asft import residual_penalty
-from cwac.models import load_model
-from cwac.pipeline import apply_lora
-from tests.baselines.conftest import Q0, V0, make_ctx, make_method
+from tests.baselines.conftest import Q0, V0, make_ctx, make_method, prepared_on_weight_pair
 
 
 @pytest.mark.parametrize("shape", [(12, 5), (6, 8)])  # factor form (d_out > 2 d_in) and dense form
@@ -36,18 +34,7 @@ def test_penalty_value_and_gradient_match_the_explicit_formula(shape, normalize)
 
 
 def _asft(tiny_model, weight_pair, tmp_path, *overrides, **method_cfg):
-    base, aligned, u, Vv = weight_pair
-    _, tok, fmt, _ = tiny_model
-    from tests.conftest import compose
-
-    cfg = compose("model=tiny", "budget=smoke", *overrides)
-    model, _ = load_model(str(aligned))
-    if cfg.training.lora.enabled:
-        model = apply_lora(model, cfg.training.lora)
-    ctx = make_ctx(cfg, tok, fmt, tmp_path / "art", start=aligned, base=base)
-    m = make_method("asft", ctx, **method_cfg)
-    m.prepare(model)
-    return m, model, u, Vv
+    return prepared_on_weight_pair("asft", tiny_model, weight_pair, tmp_path, *overrides, **method_cfg)
 
 
 def test_subspace_artifact_holds_C_from_base_and_aligned(tiny_model, weight_pair, tmp_path):

@@ -8,24 +8,13 @@ import torch
 
 from baselines._common import lora_factors
 from baselines.safelora import select_layers
-from cwac.models import load_model
-from cwac.pipeline import apply_lora
-from tests.baselines.conftest import Q0, V0, make_ctx, make_method
-from tests.conftest import compose
+from tests.baselines.conftest import Q0, V0, prepared_on_weight_pair
 
 Q1, V1 = "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
 
 
 def _setup(tiny_model, weight_pair, tmp_path, *overrides, **method_cfg):
-    base, aligned, u, Vv = weight_pair
-    _, tok, fmt, _ = tiny_model
-    cfg = compose("model=tiny", "budget=smoke", *overrides)
-    model, _ = load_model(str(aligned))
-    if cfg.training.lora.enabled:
-        model = apply_lora(model, cfg.training.lora)
-    m = make_method("safelora", make_ctx(cfg, tok, fmt, tmp_path / "art", start=aligned, base=base), **method_cfg)
-    m.prepare(model)
-    return m, model, u, Vv
+    return prepared_on_weight_pair("safelora", tiny_model, weight_pair, tmp_path, *overrides, **method_cfg)
 
 
 def _lora_updates(model, u):

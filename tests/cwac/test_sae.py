@@ -12,18 +12,10 @@ import torch
 
 from cwac.constraints.sae import SafetyLatents, mixed_batches, select_latents, selection_scores
 
-SMALL = ["method.prompts.n_train=40", "method.prompts.n_heldout=6", "method.prompts.n_calibration=16",
-         "method.prompts.filter_refused=false", "method.sae.corpus.tokens=3000", "method.sae.train.steps=80",
-         "method.sae.train.batch_size=128", "method.activation.selection.n_harmless=32", "method.activation.layer=0",
-         "method.activation.n_latents=40", "training.max_steps=3", "harmful.n_total=12"]
+from tests.cwac.conftest import SMALL
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # 2 threads on 2 shared cores thrash
 
 
 def _trained_like_sae(tmp_path, rescale: bool):

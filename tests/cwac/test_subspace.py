@@ -15,12 +15,7 @@ WEIGHT_ONLY = ["method=cwac_weight_only", "method.diagnostics.latent_drift=false
                "training.max_steps=4", "training.micro_batch_size=4", "harmful.n_total=16"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on 2 shared cores thrash (10x slower)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # 2 threads on 2 shared cores thrash
 
 
 def test_select_rank_modes():
