@@ -107,6 +107,25 @@ def plan_steps(n_examples: int, tc: DictConfig, world: int) -> int:
     return steps
 
 
+def unpartition_zero3(engine) -> None:
+    """Give the trained module its full weights back after ZeRO-3.
+
+    Under stage 3 every parameter outside a forward pass is an empty placeholder, filled only by
+    DeepSpeed's module hooks. Code after training reads weights directly (SafeLoRA's
+    projection, CWAC's drift diagnostics, ``save_pretrained`` for the vLLM backend, which
+    would otherwise write empty tensors), so the parameters are gathered on every rank, the
+    engine's hooks are removed, and the module becomes an ordinary ``nn.Module`` again.
+    """
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        full = [p.data.clone() for p in params]
+    engine.destroy()  # removes the ZeRO-3 forward/backward hooks
+    for p, f in zip(params, full):
+        p.data = f
+
+
 def train(model: torch.nn.Module, features: list[dict], method: Method, tc: DictConfig, tokenizer,
           seed: int, logger=None, desc: str = "train") -> TrainResult:
     """Train ``model`` in place on tokenised ``features`` with ``method``'s hooks."""
@@ -165,5 +184,7 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
     finally:
         for h in handles:
             h.remove()
+    if int(tc.get("zero_stage", 0)) >= 3:
+        unpartition_zero3(engine)
     model.eval()
     return TrainResult(steps=steps, seconds=time.time() - t0, history=history)

@@ -98,3 +98,27 @@ def test_child_process_does_not_reuse_an_inherited_rendezvous_port(tiny_model):
     r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "(0, 1)" in r.stdout
+
+
+def test_zero3_leaves_a_full_trained_module(tiny_model, tmp_path):
+    """After ZeRO-3 training the module holds full, trained weights (not ZeRO's empty
+    placeholders), runs without DeepSpeed's hooks, and saves complete tensors."""
+    model, tok, fmt, cfg = tiny_model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tc = OmegaConf.merge(cfg.training, {"zero_stage": 3, "epochs": 1, "micro_batch_size": 4, "lr": 3e-3})
+    train(model, _features(fmt, 8), _method(cfg, tok, fmt), tc, tok, seed=0)
+    moved = 0.0
+    for n, p in model.named_parameters():
+        assert p.shape == before[n].shape and p.numel() == before[n].numel(), n
+        moved = max(moved, float((p.detach() - before[n]).abs().max()))
+    assert moved > 1e-4
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    # no ZeRO-3 hook is left to release (re-partition) the weights after a forward pass
+    assert all(p.numel() == before[n].numel() for n, p in model.named_parameters())
+    model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "m" / "model.safetensors")
+    for n, t in saved.items():
+        assert t.numel() > 0, n
