@@ -101,12 +101,17 @@ def run_cell(cfg: DictConfig) -> dict:
     base = {"run_dir": str(run_dir), "cell": cell_name(cfg), "config_hash": chash, "config": resolved(cfg),
             "seed": cfg.seed, "stage": cfg.stage, "git": git_info(), "packages": package_versions(),
             "started": now()}
-    atomic_write_json(run_dir / "started.json", base)
     from cwac.tracking import RunLogger
+    from cwac.trainer import is_main_process
 
+    # Under a multi-rank launcher every rank trains its shard; only rank 0 logs, evaluates and
+    # writes (the others would duplicate train_log lines, W&B runs and the whole evaluation).
+    main = is_main_process()
+    if main:
+        atomic_write_json(run_dir / "started.json", base)
     logger = RunLogger(cfg.logger, run_dir, base["config"], cell_name(cfg), cfg.get("sweep_name"),
                        [f"model:{cfg.model.name}", f"task:{cfg.task.name}", f"p:{cfg.harmful.ratio}",
-                        f"method:{cfg.method.name}", f"stage:{cfg.stage}"])
+                        f"method:{cfg.method.name}", f"stage:{cfg.stage}"], enabled=main)
     t0 = time.time()
     try:
         record = _run(cfg, run_dir, logger)
@@ -114,15 +119,14 @@ def run_cell(cfg: DictConfig) -> dict:
                   "timings": {**record.get("timings", {}), "total_seconds": round(time.time() - t0, 1)}}
         logger.summary({k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))})
         logger.finish()
-        from cwac.trainer import is_main_process
-
-        if is_main_process():
+        if main:
             write_record(run_dir, record, index)
         return record
     except BaseException as e:
         logger.finish(failed=True)
-        write_record(run_dir, {**base, "status": "failed", "finished": now(),
-                               "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}, index)
+        if main:
+            write_record(run_dir, {**base, "status": "failed", "finished": now(),
+                                   "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}, index)
         raise
 
 
@@ -131,7 +135,7 @@ def _run(cfg: DictConfig, run_dir: Path, logger) -> dict:
     from cwac.data.prompts import PromptFormatter
     from cwac.methods import TrainContext, get_method
     from cwac.models import load_model
-    from cwac.trainer import train
+    from cwac.trainer import is_main_process, train
 
     timings: dict = {}
     seed_everything(cfg.seed)
@@ -147,6 +151,8 @@ def _run(cfg: DictConfig, run_dir: Path, logger) -> dict:
         info["alignment"] = ArtifactStore.meta(start_path)
 
     if cfg.stage == "align":
+        if not is_main_process():
+            return {"metrics": {}, "info": info, "timings": timings}
         metrics = _evaluate(cfg, model, tok, fmt, run_dir, cfg.task.name)
         return {"metrics": metrics, "info": info, "timings": timings}
     if cfg.stage != "finetune":
@@ -171,6 +177,8 @@ def _run(cfg: DictConfig, run_dir: Path, logger) -> dict:
     timings["train_seconds"] = round(res.seconds, 1)
     timings["seconds_per_step"] = round(res.seconds / max(1, res.steps), 3)
     model = method.post_train(model)
+    if not is_main_process():   # rank 0 evaluates and writes the record
+        return {"metrics": {}, "info": info, "timings": timings}
     t = time.time()
     metrics = _evaluate(cfg, model, tok, fmt, run_dir, cfg.task.name)
     timings["eval_seconds"] = round(time.time() - t, 1)

@@ -10,11 +10,16 @@ from pathlib import Path
 
 
 class RunLogger:
-    def __init__(self, lcfg, run_dir: Path, config: dict, name: str, group: str | None, tags: list[str]):
+    def __init__(self, lcfg, run_dir: Path, config: dict, name: str, group: str | None, tags: list[str],
+                 enabled: bool = True):
+        """``enabled=False`` (ranks other than 0) logs nothing anywhere."""
         self.path = Path(run_dir) / "train_log.jsonl"
+        self._f = None
+        self.wandb = None
+        if not enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a")
-        self.wandb = None
         if lcfg.name == "wandb":
             wdir = Path(run_dir) / "wandb"
             wdir.mkdir(parents=True, exist_ok=True)
@@ -27,6 +32,8 @@ class RunLogger:
                                     name=name, group=group, tags=tags, config=config, reinit="finish_previous")
 
     def log(self, data: dict, step: int | None = None) -> None:
+        if self._f is None:
+            return
         self._f.write(json.dumps({"step": step, **data}) + "\n")
         self._f.flush()
         if self.wandb is not None:
@@ -38,7 +45,9 @@ class RunLogger:
                 self.wandb.summary[k] = v
 
     def finish(self, failed: bool = False) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
+            self._f = None
         if self.wandb is not None:
             self.wandb.finish(exit_code=1 if failed else 0)
             self.wandb = None

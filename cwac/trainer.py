@@ -53,7 +53,10 @@ def init_distributed() -> tuple[int, int]:
 
 
 def is_main_process() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    """Rank 0 of the process group, or of the launcher's ``RANK`` before the group exists."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def deepspeed_config(tc: DictConfig) -> dict:

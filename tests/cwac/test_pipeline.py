@@ -39,3 +39,22 @@ def test_crashed_run_never_looks_complete(tiny_cfg):
         run_cell(cfg)
     rec = json.loads((run_dir_for(cfg) / "record.json").read_text())
     assert rec["status"] == "failed" and "has only 200" in rec["error"] and "metrics" not in rec
+
+
+def test_ranks_other_than_zero_train_but_neither_evaluate_nor_write(tiny_cfg, monkeypatch):
+    """Under a multi-rank launcher only rank 0 evaluates, logs and writes the record."""
+    import cwac.trainer
+    import eval.harness
+
+    cfg = tiny_cfg("method=sft", "harmful=p0.1", "logger=wandb")
+    monkeypatch.setattr(cwac.trainer, "is_main_process", lambda: False)
+    monkeypatch.setattr(eval.harness, "evaluate", lambda *a, **k: pytest.fail("rank 1 evaluated"))
+    trained = []
+    real_train = cwac.trainer.train
+    monkeypatch.setattr(cwac.trainer, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    rec = run_cell(cfg)
+    run_dir = run_dir_for(cfg)
+    assert trained and rec["metrics"] == {}
+    for name in ("record.json", "started.json", "train_log.jsonl", "samples", "wandb"):
+        assert not (run_dir / name).exists(), name
+    assert not (run_dir.parent / "index.jsonl").exists()
