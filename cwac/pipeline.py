@@ -94,19 +94,19 @@ def run_cell(cfg: DictConfig) -> dict:
     if cfg.skip_complete and is_complete(run_dir, chash):
         log.info("complete record exists for this config at %s; skipping (skip_complete=false reruns)", run_dir)
         return read_record(run_dir)  # type: ignore[return-value]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("record.json", "train_log.jsonl"):  # a rerun of a crashed/killed cell starts clean
-        (run_dir / stale).unlink(missing_ok=True)
-    index = Path(cfg.paths.runs) / "index.jsonl"
-    base = {"run_dir": str(run_dir), "cell": cell_name(cfg), "config_hash": chash, "config": resolved(cfg),
-            "seed": cfg.seed, "stage": cfg.stage, "git": git_info(), "packages": package_versions(),
-            "started": now()}
     from cwac.tracking import RunLogger
     from cwac.trainer import is_main_process
 
     # Under a multi-rank launcher every rank trains its shard; only rank 0 logs, evaluates and
     # writes (the others would duplicate train_log lines, W&B runs and the whole evaluation).
     main = is_main_process()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("record.json", "train_log.jsonl") if main else ():  # a rerun of a crashed/killed cell starts clean
+        (run_dir / stale).unlink(missing_ok=True)
+    index = Path(cfg.paths.runs) / "index.jsonl"
+    base = {"run_dir": str(run_dir), "cell": cell_name(cfg), "config_hash": chash, "config": resolved(cfg),
+            "seed": cfg.seed, "stage": cfg.stage, "git": git_info(), "packages": package_versions(),
+            "started": now()}
     if main:
         atomic_write_json(run_dir / "started.json", base)
     logger = RunLogger(cfg.logger, run_dir, base["config"], cell_name(cfg), cfg.get("sweep_name"),
