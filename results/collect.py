@@ -108,24 +108,59 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+# Config groups whose nodes are compared with the group's own YAML (``conf/<group>/<name>.yaml``)
+# rather than with the most common node: path in the record -> Hydra override prefix.
+DEFAULT_REFERENCED = {"method": "method", "alignment.method": "method@alignment.method"}
+
+
+def default_node(path: str, name: str) -> dict | None:
+    """The node ``path`` of the project's config with option ``name`` and nothing else changed
+    (the method's documented defaults), or None when it cannot be composed (an option that no
+    longer exists, a records folder from another checkout)."""
+    if path not in DEFAULT_REFERENCED:
+        return None
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"{DEFAULT_REFERENCED[path]}={name}"])
+        return OmegaConf.to_container(OmegaConf.select(cfg, path), resolve=True)  # type: ignore[return-value]
+    except Exception as e:  # noqa: BLE001 - any failure falls back to the modal node
+        log.debug("no default node for %s=%s: %s", path, name, e)
+        return None
+
+
 def _variant_labels(records: list[dict], path: str, ignore: tuple[str, ...]) -> list[str]:
-    """Name of each record's ``path`` node, with ``[k=v, ...]`` when it differs from the modal
-    node of that name (so that two CWAC configurations never share a row)."""
-    nodes = [{k: v for k, v in flatten(node(r["config"], path)).items()
-              if not any(k == i or k.startswith(i + ".") for i in ignore)} for r in records]
+    """Name of each record's ``path`` node, with ``[k=v, ...]`` when it differs from the
+    reference node of that name, so that two CWAC configurations never share a row. The
+    reference is the option's own YAML for methods (a run with the documented defaults is never
+    the one labelled), else the most common node among the records."""
+    def strip(n: dict) -> dict:
+        return {k: v for k, v in flatten(n).items() if not any(k == i or k.startswith(i + ".") for i in ignore)}
+
+    nodes = [strip(node(r["config"], path)) for r in records]
     keyed = [stable_hash(n) for n in nodes]
     by_name: dict[str, Counter] = defaultdict(Counter)
     for n, h in zip(nodes, keyed):
         by_name[str(n.get("name"))][h] += 1
-    modal = {}
+    modal, from_yaml = {}, set()
     for name, counts in by_name.items():
+        default = default_node(path, name)
+        if default is not None:
+            modal[name] = strip(default)
+            from_yaml.add(name)
+            continue
         h = counts.most_common(1)[0][0]
         modal[name] = next(n for n, k in zip(nodes, keyed) if k == h)
     out = []
     for n in nodes:
         name = str(n.get("name"))
         ref = modal[name]
-        diff = sorted(k for k in set(n) | set(ref) if n.get(k) != ref.get(k))
+        # Against the YAML, keys a record lacks (options added after it ran) are not differences.
+        keys = set(n) if name in from_yaml else set(n) | set(ref)
+        diff = sorted(k for k in keys if n.get(k) != ref.get(k))
         if not diff:
             out.append(name)
         elif len(diff) <= 3:

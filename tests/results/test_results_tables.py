@@ -229,3 +229,25 @@ def test_cli(tmp_path, capsys):
     assert "python -m results.build --runs" in (tmp_path / "out" / "index.md").read_text()
     with pytest.raises(SystemExit):
         main(["--runs", str(tmp_path / "missing")])
+
+
+def test_variant_labels_are_relative_to_the_method_yaml(tmp_path):
+    """The run with the method's documented defaults keeps the plain label even when a variant
+    has more records; a key a record lacks (an option added later) is not a difference."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
+        default = OmegaConf.to_container(compose(config_name="config", overrides=["method=cwac_weight_only"]).method,
+                                         resolve=True)
+    variant = json.loads(json.dumps(default))
+    variant["weight"].update(targets="all", mode="update")
+    older = json.loads(json.dumps(default))
+    del older["diagnostics"]                                   # a record from before that option existed
+    write_run(tmp_path, method="cwac_weight_only", seed=1, hs=80.0, method_params=default)
+    write_run(tmp_path, method="cwac_weight_only", seed=2, hs=81.0, method_params=older)
+    for seed in (1, 2, 3):
+        write_run(tmp_path, method="cwac_weight_only", seed=seed, hs=20.0, method_params=variant)
+    labels = {(r.method, r.seed) for r in results_of(tmp_path)}
+    assert labels == {("cwac_weight_only", 1), ("cwac_weight_only", 2),
+                      *{("cwac_weight_only [weight.mode=update, weight.targets=all]", s) for s in (1, 2, 3)}}
