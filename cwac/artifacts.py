@@ -50,8 +50,10 @@ class ArtifactStore:
                 return final
             if final.exists():  # a folder without metadata is a leftover; never use it
                 shutil.rmtree(final)
+            # We hold the lock, so any other build folder of this artifact is a killed builder's.
+            for stale in final.parent.glob(f".{final.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
             tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             log.info("building artifact %s -> %s", kind, final)
             t0 = time.time()

@@ -32,3 +32,15 @@ def test_failed_build_leaves_nothing_usable(tmp_path):
         store.get_or_build("k", {"a": 1}, boom)
     assert not store.exists("k", {"a": 1})
     assert not any(p.name.startswith(".") and "tmp" in p.name for p in (tmp_path / "k").iterdir())
+
+
+def test_a_killed_builders_folder_is_removed_by_the_next_build(tmp_path):
+    """A SIGKILLed build cannot clean up; the next builder (holding the lock) removes its folder."""
+    store = ArtifactStore(tmp_path)
+    final = store.path_for("k", {"a": 1})
+    dead = final.parent / f".{final.name}.tmp-999999"
+    dead.mkdir(parents=True)
+    (dead / "half.bin").write_text("partial")
+    store.get_or_build("k", {"a": 1}, lambda d: (d / "x.txt").write_text("ok") and None)
+    assert not dead.exists() and (final / "x.txt").read_text() == "ok"
+    assert [p.name for p in (tmp_path / "k").iterdir() if p.name.startswith(".")] == []
