@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["+sweep=ratio_cpu", "model=tiny", "budget=smoke", "logger=none", "method=sft"]
+TINY = ["+sweep=ratio_cpu", "model=tiny", "budget=smoke", "logger=none", "method=sft", "eval.backend=hf"]
 
 
 def launch(*overrides: str, runs: Path, artifacts: Path, timeout: int = 1200) -> subprocess.CompletedProcess:  # a hang guard, not a speed test
