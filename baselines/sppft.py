@@ -197,16 +197,14 @@ class SPPFT(Method):
 
 def main(argv: list[str]) -> dict:
     """Locate the safety layers of a configured model: ``python -m baselines.sppft [hydra overrides]``."""
-    from hydra import compose, initialize_config_dir
-
     from cwac.artifacts import ArtifactStore
     from cwac.data.prompts import PromptFormatter
     from cwac.models import load_model
     from cwac.pipeline import setup_env, start_model
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["method=sppft", *argv])
+    from cwac.utils import compose_config
+
+    cfg = compose_config("method=sppft", *argv)
     setup_env(cfg)
     store = ArtifactStore(cfg.paths.artifacts)
     path, _ = start_model(cfg, store)

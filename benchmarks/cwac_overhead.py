@@ -46,11 +46,9 @@ BUDGET = {"tiny": "smoke", "smollm2_135m": "cpu"}
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
+    from cwac.utils import compose_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hcompose(config_name="config", overrides=overrides)
+    return compose_config(*overrides)
 
 
 def start_path(cfg, store) -> str:

@@ -34,13 +34,12 @@ def organism_path(artifacts: Path) -> Path | None:
 
 
 def tiny_path(artifacts: Path) -> str:
-    from hydra import compose, initialize_config_dir
-
     from cwac.artifacts import ArtifactStore
     from cwac.models import resolve_model_path
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=tiny", f"paths.artifacts={artifacts}"])
+    from cwac.utils import compose_config
+
+    cfg = compose_config("model=tiny", f"paths.artifacts={artifacts}")
     return resolve_model_path(cfg.model, ArtifactStore(cfg.paths.artifacts))
 
 

@@ -114,7 +114,7 @@ def run_cell(cfg: DictConfig) -> dict:
                         f"method:{cfg.method.name}", f"stage:{cfg.stage}"], enabled=main)
     t0 = time.time()
     try:
-        record = _run(cfg, run_dir, logger)
+        record = _run(cfg, run_dir, logger, main)
         record = {**base, **record, "status": "complete", "finished": now(),
                   "timings": {**record.get("timings", {}), "total_seconds": round(time.time() - t0, 1)}}
         logger.summary({k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))})
@@ -130,12 +130,13 @@ def run_cell(cfg: DictConfig) -> dict:
         raise
 
 
-def _run(cfg: DictConfig, run_dir: Path, logger) -> dict:
+def _run(cfg: DictConfig, run_dir: Path, logger, main: bool) -> dict:
+    """The cell itself; ``main``: this is rank 0, which alone evaluates."""
     from cwac.data.mix import build_finetune_mix
     from cwac.data.prompts import PromptFormatter
     from cwac.methods import TrainContext, get_method
     from cwac.models import load_model
-    from cwac.trainer import is_main_process, train
+    from cwac.trainer import train
 
     timings: dict = {}
     seed_everything(cfg.seed)
@@ -151,7 +152,7 @@ def _run(cfg: DictConfig, run_dir: Path, logger) -> dict:
         info["alignment"] = ArtifactStore.meta(start_path)
 
     if cfg.stage == "align":
-        if not is_main_process():
+        if not main:
             return {"metrics": {}, "info": info, "timings": timings}
         metrics = _evaluate(cfg, model, tok, fmt, run_dir, cfg.task.name)
         return {"metrics": metrics, "info": info, "timings": timings}
@@ -177,7 +178,7 @@ def _run(cfg: DictConfig, run_dir: Path, logger) -> dict:
     timings["train_seconds"] = round(res.seconds, 1)
     timings["seconds_per_step"] = round(res.seconds / max(1, res.steps), 3)
     model = method.post_train(model)
-    if not is_main_process():   # rank 0 evaluates and writes the record
+    if not main:   # rank 0 evaluates and writes the record
         return {"metrics": {}, "info": info, "timings": timings}
     t = time.time()
     metrics = _evaluate(cfg, model, tok, fmt, run_dir, cfg.task.name)

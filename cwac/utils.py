@@ -25,6 +25,18 @@ OFFLINE_ENV = {
 }
 
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(*overrides: str, return_hydra_config: bool = False):
+    """The project's config (``conf/config.yaml``) with Hydra ``overrides``, outside ``run.py``
+    (tools, benchmarks, the results builder, tests)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -119,13 +119,12 @@ def default_node(path: str, name: str) -> dict | None:
     longer exists, a records folder from another checkout)."""
     if path not in DEFAULT_REFERENCED:
         return None
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    from cwac.utils import compose_config
+
     try:
-        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[f"{DEFAULT_REFERENCED[path]}={name}"])
+        cfg = compose_config(f"{DEFAULT_REFERENCED[path]}={name}")
         return OmegaConf.to_container(OmegaConf.select(cfg, path), resolve=True)  # type: ignore[return-value]
     except Exception as e:  # noqa: BLE001 - any failure falls back to the modal node
         log.debug("no default node for %s=%s: %s", path, name, e)

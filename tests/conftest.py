@@ -11,27 +11,23 @@ from pathlib import Path
 
 import pytest
 
-from cwac.utils import OFFLINE_ENV
+from cwac.utils import CONF_DIR as _CONF, OFFLINE_ENV, compose_config
 
 for _k, _v in {**OFFLINE_ENV, "WANDB_MODE": "disabled"}.items():
     os.environ[_k] = _v
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(_CONF)
 
 
 def compose(*overrides: str, runs: Path | None = None, artifacts: Path | None = None):
     """The project's config with ``overrides`` (Hydra Compose API)."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-
     extra = []
     if runs is not None:
         extra.append(f"paths.runs={runs}")
     if artifacts is not None:
         extra.append(f"paths.artifacts={artifacts}")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hcompose(config_name="config", overrides=[*overrides, *extra])
+    return compose_config(*overrides, *extra)
 
 
 @pytest.fixture(scope="session")

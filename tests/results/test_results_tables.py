@@ -234,12 +234,11 @@ def test_cli(tmp_path, capsys):
 def test_variant_labels_are_relative_to_the_method_yaml(tmp_path):
     """The run with the method's documented defaults keeps the plain label even when a variant
     has more records; a key a record lacks (an option added later) is not a difference."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
-        default = OmegaConf.to_container(compose(config_name="config", overrides=["method=cwac_weight_only"]).method,
-                                         resolve=True)
+    from cwac.utils import compose_config
+
+    default = OmegaConf.to_container(compose_config("method=cwac_weight_only").method, resolve=True)
     variant = json.loads(json.dumps(default))
     variant["weight"].update(targets="all", mode="update")
     older = json.loads(json.dumps(default))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from cwac.utils import compose_config
 from tests.conftest import CONF_DIR
 
 SWEEPS = sorted(p.stem for p in (Path(CONF_DIR) / "sweep").glob("*.yaml"))
@@ -22,11 +23,7 @@ def sweep_cfg(name: str, *overrides: str):
 
 
 def _hydra_compose(*overrides: str):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hcompose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    return compose_config(*overrides, return_hydra_config=True)
 
 
 def axes(cfg) -> dict[str, list[str]]:
