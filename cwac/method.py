@@ -36,7 +36,7 @@ from cwac.constraints.pool import build_pool, formatter_identity, model_identity
 from cwac.constraints.sae import (ActivationConstraint, SafetyLatents, all_latents, benign_examples,
                                   collect_residuals, layer_from_hook_name, load_sae, prompt_latents, sae_quality,
                                   select_latents, selection_scores, split_eval, train_topk_sae)
-from cwac.constraints.subspace import (WeightConstraint, build_subspaces, find_targets, load_subspaces,
+from cwac.constraints.subspace import (WeightConstraint, build_subspaces, check_mode, find_targets, load_subspaces,
                                        resolve_layers, resolve_targets)
 from cwac.data.prompts import pad_id
 from cwac.methods import METHODS, LossOutput, Method, TrainContext
@@ -94,6 +94,10 @@ class CWAC(Method):
     def prepare(self, model: torch.nn.Module) -> None:
         t_all = time.time()
         cfg, ctx = self.cfg, self.ctx
+        if self.use_weight:  # before any artifact is built
+            tc = ctx.cfg.training
+            check_mode(cfg.weight.mode, self.zero_stage, str(tc.get("precision", "fp32")),
+                       float(tc.get("weight_decay", 0.0)))
         store: ArtifactStore = ctx.store
         tok, fmt = ctx.tokenizer, ctx.formatter
         self.pad = pad_id(tok)

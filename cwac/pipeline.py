@@ -77,7 +77,8 @@ def _evaluate(cfg, model, tok, fmt, run_dir: Path, task: str | None) -> dict:
     # eval.backend = hf | vllm | auto; vllm saves the model to <run_dir>/model (removed by close()).
     backend = build_backend(cfg.eval, model, tok, fmt, run_dir, dtype=cfg.model.dtype, seed=cfg.seed)
     try:
-        metrics = evaluate(backend, judge, cfg.eval, task, run_dir / "samples", cfg.judge.threshold)
+        metrics = evaluate(backend, judge, cfg.eval, task, run_dir / "samples", cfg.judge.threshold,
+                           task_source=cfg.task.source)
     finally:
         backend.close()
     metrics["backend"] = backend.name
@@ -144,6 +145,9 @@ def _run(cfg: DictConfig, run_dir: Path, logger, main: bool) -> dict:
     t = time.time()
     start_path, base_path = start_model(cfg, store)
     timings["start_model_seconds"] = round(time.time() - t, 1)
+    # Building the aligned artifact in this process re-seeds and trains; seed again so that the
+    # cell that builds it and the cells that reuse it start from the same RNG state (LoRA init).
+    seed_everything(cfg.seed)
     hub_ok = not cfg.offline
     model, tok = load_model(start_path, cfg.model.dtype, hub_ok=hub_ok)
     fmt = PromptFormatter(tok, cfg.model.prompt_format, cfg.model.get("system_prompt"))
@@ -171,6 +175,7 @@ def _run(cfg: DictConfig, run_dir: Path, logger, main: bool) -> dict:
     timings["prepare_seconds"] = round(time.time() - t, 1)
     rows = build_finetune_mix(cfg.task.name, cfg.harmful.n_total, cfg.harmful.ratio, cfg.seed,
                               harmful_source=cfg.harmful.source, task_source=cfg.task.source)
+    harmful_rows = sum(e.source != cfg.task.name for e in rows)   # before a method adds its own rows
     rows = method.build_train_data(rows)
     feats = [fmt.train_features(e, cfg.training.max_len) for e in rows]
     model = method.configure_model(model)
@@ -187,5 +192,5 @@ def _run(cfg: DictConfig, run_dir: Path, logger, main: bool) -> dict:
     metrics["train_loss_first"] = res.history[0]["losses/total"] if res.history else None
     metrics["train_loss_last"] = last.get("losses/total")
     info.update({"n_train_rows": len(rows), "steps": res.steps, "method": method.record_info(),
-                 "harmful_rows": sum(e.source != cfg.task.name for e in rows)})
+                 "harmful_rows": harmful_rows})
     return {"metrics": metrics, "info": info, "timings": timings}

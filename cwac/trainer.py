@@ -101,6 +101,12 @@ def batch_order(n: int, epochs: int, seed: int) -> list[int]:
     return order
 
 
+def grad_norm(params: list[torch.Tensor]) -> float | None:
+    """Global L2 norm of the gradients held by ``params`` (before clipping), None without any."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+
+
 def plan_steps(n_examples: int, tc: DictConfig, world: int) -> int:
     global_batch = tc.micro_batch_size * tc.gradient_accumulation_steps * world
     per_epoch = max(1, n_examples // global_batch)  # drop the last partial global batch
@@ -152,6 +158,8 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
     history: list[dict] = []
     t0 = time.time()
     pos = 0
+    # DeepSpeed's ZeRO-0 fp32 path clips without keeping the norm; compute it ourselves there.
+    own_norm, gn_own = int(tc.get("zero_stage", 0)) == 0, None
     bar = tqdm(range(steps), desc=desc, disable=not is_main_process() or not tc.get("progress", True), dynamic_ncols=True)
     try:
         for step in bar:
@@ -167,6 +175,8 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss at step {step}: { {k: float(v) for k, v in out.losses.items()} }")
                 engine.backward(loss)
+                if own_norm and engine.is_gradient_accumulation_boundary():
+                    gn_own = grad_norm(trainable)   # what the optimizer sees: accumulated, all-reduced, projected
                 engine.step()
                 for k, v in out.losses.items():
                     sums[f"losses/{k}"] = sums.get(f"losses/{k}", 0.0) + float(v.detach()) / acc
@@ -177,6 +187,7 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
                 sums[f"metrics/{k}"] = float(v)
             sums["lr"] = sched.get_last_lr()[0]
             gn = engine.get_global_grad_norm()
+            gn = gn_own if gn is None else gn
             if gn is not None:
                 sums["grad_norm"] = float(gn)
             sums["step"] = step + 1

@@ -33,9 +33,24 @@ class GenerationBackend:
 BACKENDS: Registry[GenerationBackend] = Registry("generation backend", GenerationBackend)
 
 
-def count_generated(rows: list[list[int]], eos: int) -> int:
-    """Generated tokens per row up to and including the first EOS (padding after it excluded)."""
-    return sum(r.index(eos) + 1 if eos in r else len(r) for r in rows)
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Token ids that end an answer: the tokenizer's EOS (what fine-tuning appends to targets),
+    then any other end ids of the model's generation config (a ``GenerationConfig`` or its
+    dict), e.g. Gemma-2's ``<end_of_turn>`` or Llama-3's ``<|eot_id|>``, at which the aligned
+    chat model ends its turns."""
+    ids = [int(tokenizer.eos_token_id)]
+    extra = (generation_config.get("eos_token_id") if isinstance(generation_config, dict)
+             else getattr(generation_config, "eos_token_id", None))
+    for i in extra if isinstance(extra, (list, tuple)) else [extra]:
+        if i is not None and int(i) not in ids:
+            ids.append(int(i))
+    return ids
+
+
+def count_generated(rows: list[list[int]], stop: int | list[int]) -> int:
+    """Generated tokens per row up to and including the first stop token (padding after it excluded)."""
+    stops = {stop} if isinstance(stop, int) else set(stop)
+    return sum(next((j + 1 for j, t in enumerate(r) if t in stops), len(r)) for r in rows)
 
 
 @BACKENDS.register("hf")
@@ -43,8 +58,8 @@ class HFBackend(GenerationBackend):
     """Batched greedy generation with a loaded (possibly peft-wrapped) HF model.
 
     Prompts are sorted by length so that each batch pads little; outputs are returned in
-    the input order. Generation stops at EOS (and at the chat end-of-turn token, which is
-    EOS for the models we use).
+    the input order. Generation stops at EOS and at the model's other end-of-turn ids
+    (``stop_token_ids``).
     """
 
     name = "hf"
@@ -63,6 +78,7 @@ class HFBackend(GenerationBackend):
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out: list[str] = [""] * len(ids)
         pad = pad_id(self.tok)
+        stop = stop_token_ids(self.tok, getattr(self.model, "generation_config", None))
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
@@ -71,12 +87,12 @@ class HFBackend(GenerationBackend):
             enc = collate_prompts([ids[i] for i in b], pad)
             enc = {k: v.to(device) for k, v in enc.items()}
             gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                      pad_token_id=pad, eos_token_id=self.tok.eos_token_id,
+                                      pad_token_id=pad, eos_token_id=stop,
                                       temperature=None, top_p=None, top_k=None)
             new = gen[:, enc["input_ids"].shape[1]:]
             for j, i in enumerate(b):
                 out[i] = self.tok.decode(new[j], skip_special_tokens=True).strip()
-            self.generated_tokens += count_generated(new.tolist(), self.tok.eos_token_id)
+            self.generated_tokens += count_generated(new.tolist(), stop)
         if was_training:
             self.model.train()
         return out

@@ -35,12 +35,14 @@ def _take(items, n):
 
 
 def evaluate(backend: GenerationBackend, judge: Judge, ecfg: DictConfig, task: str | None, out_dir: Path,
-             judge_threshold: float = 0.5) -> dict:
+             judge_threshold: float = 0.5, task_source: str = "local") -> dict:
     """Evaluate one model.
 
     Args:
         ecfg: the ``eval`` config node (sets, counts, max_new_tokens, FA match mode).
         task: the fine-tuning task whose FA to score (None skips FA).
+        task_source: where the task's rows come from (``task.source``: ``local`` or ``hub``), the
+            same source fine-tuning read.
     """
     out_dir = Path(out_dir)
     metrics: dict = {"hs_by_set": {}, "counts": {}, "seconds": {}}
@@ -74,7 +76,7 @@ def evaluate(backend: GenerationBackend, judge: Judge, ecfg: DictConfig, task: s
     if task is not None and ecfg.fa_n != 0:
         t0 = time.time()
         n = ecfg.fa_n_by_task.get(task) if ecfg.fa_n is None else ecfg.fa_n
-        rows = load_task(task, "eval", n)
+        rows = load_task(task, "eval", n, source=task_source)
         answers = backend.generate(rows, ecfg.fa_max_new_tokens_by_task[task], desc=f"FA {task}")
         correct = [score(task, a, r.label, ecfg.fa_match) for a, r in zip(answers, rows)]
         _write_jsonl(out_dir / f"samples_fa_{task}.jsonl",

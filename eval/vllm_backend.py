@@ -8,8 +8,9 @@ runs under any python that imports ``vllm`` (``CWAC_VLLM_PYTHON``, or the curren
 it has vLLM): one code path everywhere.
 
 Parity with the HF backend by construction: prompts are token ids from our ``PromptFormatter``
-(vLLM never formats or tokenises), decoding is greedy with the same stop token (the
-tokenizer's EOS) and ``max_new_tokens``, the checkpoint's generation defaults are ignored, and
+(vLLM never formats or tokenises), decoding is greedy with the same stop tokens (the
+tokenizer's EOS and the generation config's other end ids, ``eval.backends.stop_token_ids``) and
+``max_new_tokens``, the checkpoint's other generation defaults are ignored, and
 the returned token ids are decoded here with the same tokenizer call as ``HFBackend``
 (``skip_special_tokens=True``, stripped). So HS/FA differ only where the two engines' fp32
 kernels pick a different argmax (tests/eval/test_vllm.py measures this).
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from cwac.data.examples import Example
 from cwac.data.prompts import PromptFormatter
-from eval.backends import BACKENDS, GenerationBackend, count_generated
+from eval.backends import BACKENDS, GenerationBackend, count_generated, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,13 @@ def _lora_rank_cap(r: int) -> int:
     raise ValueError(f"LoRA rank {r} exceeds what vLLM serves (512)")
 
 
+def saved_stop_ids(model_path: str | Path, tokenizer) -> list[int]:
+    """``stop_token_ids`` for a model on disk: its ``generation_config.json`` when the folder has
+    one (the HF backend reads the same config from the loaded model)."""
+    gc = Path(model_path) / "generation_config.json"
+    return stop_token_ids(tokenizer, json.loads(gc.read_text()) if gc.is_file() else None)
+
+
 @BACKENDS.register("vllm")
 class VLLMBackend(GenerationBackend):
     """Greedy generation by a vLLM engine in a worker subprocess (started on first use).
@@ -216,6 +224,7 @@ class VLLMBackend(GenerationBackend):
         self.python = info["python"] if python is None else python
         self.tok = tokenizer
         self.fmt = formatter
+        self.stop_ids = saved_stop_ids(model_path, tokenizer)
         self.spec = {"model": str(model_path), "tokenizer": str(tokenizer_path or model_path), "dtype": dtype,
                      "seed": seed, "enforce_eager": enforce_eager, "max_model_len": max_model_len,
                      "gpu_memory_utilization": gpu_memory_utilization,
@@ -362,14 +371,14 @@ class VLLMBackend(GenerationBackend):
         self._tmp.mkdir(parents=True, exist_ok=True)
         req_path, res_path = self._tmp / "req.json", self._tmp / "res.json"
         req_path.write_text(json.dumps({"prompt_token_ids": prompt_ids, "max_tokens": int(max_new_tokens),
-                                        "stop_token_ids": [int(self.tok.eos_token_id)]}))
+                                        "stop_token_ids": self.stop_ids}))
         self._proc.stdin.write(json.dumps({"cmd": "generate", "in": str(req_path), "out": str(res_path)}) + "\n")
         self._proc.stdin.flush()
         msg = self._read(self.request_timeout_s, "generate")
         if not msg.get("ok"):
             raise RuntimeError(f"vLLM generation failed:\n{msg.get('error')}")
         res = json.loads(res_path.read_text())
-        self.generated_tokens += count_generated(res["token_ids"], int(self.tok.eos_token_id))
+        self.generated_tokens += count_generated(res["token_ids"], self.stop_ids)
         self.generate_seconds += res["seconds"]
         return res["token_ids"]
 

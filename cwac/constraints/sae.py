@@ -287,6 +287,9 @@ def layer_from_hook_name(hook: str | None) -> int | None:
     if m := re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook):
         return int(m.group(1))
     if m := re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", hook):
+        if int(m.group(1)) == 0:
+            raise ValueError(f"the SAE reads {hook}, the embeddings before any decoder block; the latent "
+                             "constraint needs a block's output (use an SAE of a later hook)")
         return int(m.group(1)) - 1
     return None
 

@@ -21,8 +21,12 @@ Only ``U_r`` (or, when ``r > d_in/2``, the complementary free basis) is stored, 
   commutes with accumulation and data-parallel averaging. AdamW's per-coordinate scaling
   still moves the update out of the free subspace (logged as ``proj_leak``).
 * ``update`` (exact): after each optimizer step ``W ← W₀ + (W − W₀)(I − U_r U_rᵀ)``, applied to
-  the optimizer's full-precision master copy too when DeepSpeed keeps one (ZeRO-1/2, bf16),
-  so ``ΔW U_r = 0`` holds exactly.
+  the optimizer's full-precision master copy too when DeepSpeed exposes one (ZeRO-1/2), so
+  ``ΔW U_r = 0`` holds exactly. DeepSpeed's ZeRO-0 bf16/fp16 optimizer keeps its fp32 masters
+  out of reach and copies them back every step; the model then still trains on
+  ``W₀ + (W_master − W₀)Π``, which equals exact update mode as long as the optimizer's update
+  does not depend on ``W`` (no weight decay), so ``check_mode`` refuses that case with weight
+  decay.
 
 The same construction applies to any of a block's linear maps (``targets``: q, k, v, o,
 gate, up, down), each with its own input covariance: a documented extension, because on the
@@ -357,6 +361,23 @@ def effective_delta(module: nn.Module, w0: torch.Tensor | None) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- runtime
 
+def check_mode(mode: str, zero_stage: int = 0, precision: str = "fp32", weight_decay: float = 0.0) -> None:
+    """Refuse projection modes that the training setup would silently undo."""
+    if mode not in MODES:
+        raise ValueError(f"weight.mode must be one of {MODES}, got {mode!r}")
+    if mode != "update":
+        return
+    if zero_stage >= 3:
+        raise ValueError("weight.mode=update edits whole weights after each step, which ZeRO-3 partitions; "
+                         "use weight.mode=grad (tensor hooks) or training.zero_stage<=2")
+    if zero_stage == 0 and precision != "fp32" and weight_decay > 0:
+        raise ValueError(f"weight.mode=update with training.precision={precision}, zero_stage=0 and weight_decay="
+                         f"{weight_decay}: DeepSpeed's ZeRO-0 mixed-precision optimizer keeps fp32 master weights "
+                         "that the projection cannot reach, and weight decay on them leaks into the protected "
+                         "subspace; use training.zero_stage=1 (its master copy is projected too), "
+                         "training.weight_decay=0 or training.precision=fp32")
+
+
 class WeightConstraint:
     """Applies the projection during training and measures its leak.
 
@@ -367,11 +388,7 @@ class WeightConstraint:
     """
 
     def __init__(self, subspaces: dict[str, Subspace], mode: str, zero_stage: int = 0):
-        if mode not in MODES:
-            raise ValueError(f"weight.mode must be one of {MODES}, got {mode!r}")
-        if mode == "update" and zero_stage >= 3:
-            raise ValueError("weight.mode=update edits whole weights after each step, which ZeRO-3 partitions; "
-                             "use weight.mode=grad (tensor hooks) or training.zero_stage<=2")
+        check_mode(mode, zero_stage)
         self.subspaces = subspaces
         self.mode = mode
         self.w0: dict[str, torch.Tensor] = {}

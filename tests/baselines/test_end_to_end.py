@@ -27,6 +27,7 @@ def test_cell_runs_and_records_the_method(tiny_cfg, case):
         assert info["n_matrices"] == 14 and info["delta_w"] == "W - W_aligned"  # every linear map of 2 layers
     elif case == "safeinstr":
         assert info["n_safety_rows"] == 4 and rec["info"]["n_train_rows"] == 44
+        assert rec["info"]["harmful_rows"] == 4   # the added safety rows are not counted as harmful
     elif case == "sppft":
         assert info["band"] == [0, 0] and info["frozen_params"] > 0
     elif case == "lisa":

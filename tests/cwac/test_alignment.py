@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from cwac.alignment import alignment_rows, refusal_text
 from cwac.artifacts import ArtifactStore
 from cwac.data.harmful import EVAL_HARMFUL_SETS, prompt_set
@@ -31,6 +34,22 @@ def test_alignment_artifact_reused_then_rebuilt(tiny_cfg, tmp_path):
     # a changed recipe builds a second artifact
     run_cell(tiny_cfg("model.align=true", "stage=align", "alignment.n_harmful=12", f"paths.artifacts={artifacts}"))
     assert len(_aligned_dirs(artifacts)) == 2
+
+
+def test_cell_that_builds_the_aligned_model_trains_like_one_that_reuses_it(tiny_cfg, tmp_path):
+    """Building the aligned artifact in-process trains (and seeds) before fine-tuning; the cell must
+    still start from its own seed, so the LoRA init and every loss match a cell that reuses it."""
+    over = ("model.align=true", "method=sft", "training=lora", "eval.hs_n=2", "eval.harmless_n=0", "eval.fa_n=2",
+            f"paths.artifacts={tmp_path / 'own-artifacts'}")
+    cfg = tiny_cfg(*over)
+    builds = run_cell(cfg)
+    losses = [json.loads(line)["finetune/losses/total"]
+              for line in (Path(builds["run_dir"]) / "train_log.jsonl").read_text().splitlines()]
+    reuses = run_cell(tiny_cfg(*over, "skip_complete=false"))
+    assert reuses["info"]["start_model"] == builds["info"]["start_model"]
+    again = [json.loads(line)["finetune/losses/total"]
+             for line in (Path(reuses["run_dir"]) / "train_log.jsonl").read_text().splitlines()]
+    assert len(losses) > 2 and again == losses
 
 
 def test_alignment_prompts_are_disjoint_from_evaluation(tiny_cfg):

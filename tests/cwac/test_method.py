@@ -4,6 +4,7 @@ drift vs SFT at equal steps, the variants' flags, and a full pipeline cell with 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +93,21 @@ def test_variant_flags_are_checked(tiny_cfg, tmp_path):
     assert m.variant == "act_only" and not m.use_weight
     with pytest.raises(ValueError, match="ZeRO-3"):
         WeightConstraint({"x": Subspace(torch.eye(4)[:, :1], "protected", 1)}, "update", zero_stage=3)
+
+
+def test_update_mode_refuses_zero0_mixed_precision_with_weight_decay(tiny_cfg, tmp_path):
+    """DeepSpeed's ZeRO-0 bf16 optimizer keeps fp32 masters the projection cannot reach: with
+    weight decay, update mode would leak, so prepare() refuses before building any artifact."""
+    cfg, m, model, _ = _method(tiny_cfg, tmp_path, "method=cwac", "method.weight.mode=update",
+                               "training.precision=bf16", "training.weight_decay=0.1")
+    before = sorted(Path(cfg.paths.artifacts).rglob("*"))
+    with pytest.raises(ValueError, match="zero_stage=1"):
+        m.prepare(model)
+    assert sorted(Path(cfg.paths.artifacts).rglob("*")) == before
+    from cwac.constraints.subspace import check_mode
+
+    for way_out in [(0, "bf16", 0.0), (1, "bf16", 0.1), (0, "fp32", 0.1)]:   # the fixes the error names
+        check_mode("update", *way_out)
 
 
 def test_pipeline_cell_writes_cwac_record(tiny_cfg):

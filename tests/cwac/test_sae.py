@@ -180,3 +180,14 @@ def test_sae_loaded_from_disk(tiny_cfg, tmp_path):
                          "method.sae.source=disk", f"method.sae.path={tmp_path / 'disk_sae'}")
     with pytest.raises(ValueError, match="activation.layer"):
         bad.prepare(model)
+
+
+def test_hook_names_map_to_the_block_whose_output_they_read():
+    from cwac.constraints.sae import layer_from_hook_name
+
+    assert layer_from_hook_name("model.layers.7") == 7
+    assert layer_from_hook_name("blocks.7.hook_resid_post") == 7
+    assert layer_from_hook_name("blocks.8.hook_resid_pre") == 7
+    assert layer_from_hook_name("blocks.3.attn.hook_z") is None
+    with pytest.raises(ValueError, match="embeddings"):   # not -1, which would read as the last block
+        layer_from_hook_name("blocks.0.hook_resid_pre")

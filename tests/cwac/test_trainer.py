@@ -49,6 +49,27 @@ def test_gradient_accumulation_equals_larger_batch(tiny_model):
     assert moved > 1e-4  # the step really changed the weights
 
 
+def test_grad_norm_is_logged_and_is_the_norm_before_clipping(tiny_model):
+    """ZeRO-0 fp32 DeepSpeed keeps no norm; the loop logs its own, taken before clipping."""
+    model, tok, fmt, cfg = tiny_model
+    feats = _features(fmt, 8)
+    ref = copy.deepcopy(model)
+    tc = OmegaConf.merge(cfg.training, {"epochs": 1, "max_steps": 2, "micro_batch_size": 4, "lr": 1e-3,
+                                        "max_grad_norm": 1e-3, "zero_stage": 0})
+    res = train(model, feats, _method(cfg, tok, fmt), tc, tok, seed=5)
+    assert all(h["grad_norm"] > 0 for h in res.history)
+    from cwac.data.prompts import collate_train, pad_id
+    from cwac.trainer import batch_order, grad_norm
+
+    first = batch_order(len(feats), 1, 5)[:4]     # step 1's micro-batch
+    ref.train()
+    batch = collate_train([feats[i] for i in first], pad_id(tok))
+    _method(cfg, tok, fmt).task_loss(ref, batch).backward()
+    expected = grad_norm(list(ref.parameters()))
+    assert expected > 1e-3   # so clipping (to 1e-3) really happened after the logged value was taken
+    assert res.history[0]["grad_norm"] == pytest.approx(expected, rel=1e-4)
+
+
 class _Probe(Method):
     """Records the hook calls and doubles one parameter's gradient through grad_hooks."""
 

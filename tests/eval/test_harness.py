@@ -1,0 +1,37 @@
+"""The evaluation harness with a scripted backend: FA reads the same task source as training."""
+
+from __future__ import annotations
+
+import json
+
+from omegaconf import OmegaConf
+
+import eval.harness as harness
+from cwac.data.examples import Example
+from eval.backends import GenerationBackend
+from eval.judges import JUDGES
+
+
+class Scripted(GenerationBackend):
+    name = "scripted"
+
+    def generate(self, examples, max_new_tokens, desc="generate"):
+        return ["positive"] * len(examples)
+
+
+def test_fa_reads_the_task_source_that_fine_tuning_read(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_load_task(name, split, n=None, source="local"):
+        seen.append((name, split, n, source))
+        return [Example("Classify.", input="great film", source=name, label="positive"),
+                Example("Classify.", input="dull film", source=name, label="negative")]
+
+    monkeypatch.setattr(harness, "load_task", fake_load_task)
+    ecfg = OmegaConf.create({"hs_sets": [], "hs_n": None, "hs_max_new_tokens": 4, "harmless_n": 0, "fa_n": 2,
+                             "fa_n_by_task": {}, "fa_max_new_tokens_by_task": {"sst2": 4}, "fa_match": "exact"})
+    m = harness.evaluate(Scripted(), JUDGES.get("keyword")(), ecfg, "sst2", tmp_path, task_source="hub")
+    assert seen == [("sst2", "eval", 2, "hub")]
+    assert m["fa"] == 50.0 and m["counts"]["fa_sst2"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "samples_fa_sst2.jsonl").read_text().splitlines()]
+    assert [r["correct"] for r in rows] == [True, False]
