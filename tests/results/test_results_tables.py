@@ -186,6 +186,24 @@ def test_build_writes_every_table_plot_and_index(tmp_path):
     assert all((out / "tables" / f"{n}.tex").exists() for n in names)
 
 
+def test_ratio_plot_draws_multi_ratio_methods_in_distinct_styles(tmp_path):
+    from results.plots import _styles, hs_vs_p
+
+    styles = _styles([f"m{i}" for i in range(12)] + ["cwac"])
+    assert len({(str(st["color"]), st["marker"], st["linestyle"]) for st in styles.values()}) == 13
+    assert styles["cwac"]["color"] == "black"   # the paper's method never shares a baseline's colour
+    assert sum(st["color"] == styles["m0"]["color"] for st in styles.values()) == 2   # m0 and m10: marker differs
+    root = tmp_path / "runs"
+    for p in (0.05, 0.1, 0.2):
+        write_run(root, method="sft", p=p, hs=80.0, fa=85.0)
+        write_run(root, method="cwac", p=p, hs=30.0, fa=85.0)
+    write_run(root, method="cwac_act_only", p=0.1, hs=35.0, fa=84.0)   # one ratio only: tables, not lines
+    rs = results_of(root)
+    drawn = hs_vs_p(rs, rs[0].model, rs[0].task, tmp_path / "hs.png")
+    assert drawn == ["sft", "cwac"] and (tmp_path / "hs.png").stat().st_size > 5000
+    assert hs_vs_p([r for r in rs if r.p == 0.1], rs[0].model, rs[0].task, tmp_path / "none.png") == []
+
+
 def results_of(root):
     return load_results([root])[0]
 
