@@ -60,10 +60,12 @@ def alignment_rows(acfg: DictConfig, seed: int) -> list[Example]:
     harmful = rng.sample(harmful, acfg.n_harmful)
     assert_disjoint(harmful)
     refusals = [Example(p, "", refusal_text(p, seed), "refusal") for p in harmful]
-    helpful = alpaca_examples()
+    helpful = [e for e in alpaca_examples() if len(e.output) <= acfg.max_answer_chars]
     if acfg.n_harmless > len(helpful):
-        raise ValueError(f"alignment.n_harmless={acfg.n_harmless} but the Alpaca file has {len(helpful)} rows")
-    helpful = [e for e in helpful if len(e.output) <= acfg.max_answer_chars][: acfg.n_harmless]
+        raise ValueError(f"alignment.n_harmless={acfg.n_harmless} but only {len(helpful)} Alpaca rows have answers "
+                         f"of at most alignment.max_answer_chars={acfg.max_answer_chars} characters; lower "
+                         "n_harmless or raise max_answer_chars")
+    helpful = helpful[: acfg.n_harmless]
     rows = refusals + helpful
     rng.shuffle(rows)
     return rows
@@ -84,12 +86,13 @@ def _build_aligned(cfg: DictConfig, store, base_path: str, out: Path) -> dict:
     from cwac.data.prompts import PromptFormatter
     from cwac.methods import TrainContext, get_method
     from cwac.models import load_model
-    from cwac.trainer import train
+    from cwac.trainer import to_device, train
     from cwac.utils import seed_everything
 
     acfg = cfg.alignment
     seed_everything(acfg.seed)
     model, tok = load_model(base_path, cfg.model.dtype)
+    model = to_device(model)
     fmt = PromptFormatter(tok, cfg.model.prompt_format, cfg.model.get("system_prompt"))
     tc = OmegaConf.merge(cfg.training, acfg.training)
     ctx = TrainContext(cfg=OmegaConf.merge(cfg, {"training": tc}), tokenizer=tok, formatter=fmt, store=store,

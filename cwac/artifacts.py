@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,7 +55,7 @@ class ArtifactStore:
             # We hold the lock, so any other build folder of this artifact is a killed builder's.
             for stale in final.parent.glob(f".{final.name}.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-            tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+            tmp = final.parent / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
             log.info("building artifact %s -> %s", kind, final)
             t0 = time.time()

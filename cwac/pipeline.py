@@ -40,10 +40,11 @@ def setup_env(cfg: DictConfig) -> None:
         for k, v in OFFLINE_ENV.items():
             os.environ.setdefault(k, v)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if cfg.get("threads"):
-        import torch
+    import torch
 
+    if not torch.cuda.is_available():   # DeepSpeed's CPU accelerator (gloo); on a GPU it picks CUDA itself
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
 
 
@@ -54,8 +55,15 @@ def start_model(cfg: DictConfig, store: ArtifactStore) -> tuple[str, str | None]
 
     path = resolve_model_path(cfg.model, store)
     if cfg.model.align:
+        from cwac.alignment import alignment_key
+
         m = OmegaConf.to_container(cfg.model, resolve=True)
         key = {k: m.get(k) for k in ("source", "tiny", "gguf", "path")}
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not store.exists("aligned", alignment_key(cfg, key)):
+            raise RuntimeError("the aligned model is not built yet, and building it under a multi-rank launcher "
+                               "would hang (rank 0 trains it and waits for ranks that wait on its lock); build it "
+                               "once in one process with the same model and alignment overrides: "
+                               "python run.py stage=align ...")
         return str(ensure_aligned(cfg, store, path, key)), path
     return path, cfg.model.get("base_path")
 
@@ -137,7 +145,7 @@ def _run(cfg: DictConfig, run_dir: Path, logger, main: bool) -> dict:
     from cwac.data.prompts import PromptFormatter
     from cwac.methods import TrainContext, get_method
     from cwac.models import load_model
-    from cwac.trainer import train
+    from cwac.trainer import to_device, train
 
     timings: dict = {}
     seed_everything(cfg.seed)
@@ -150,6 +158,7 @@ def _run(cfg: DictConfig, run_dir: Path, logger, main: bool) -> dict:
     seed_everything(cfg.seed)
     hub_ok = not cfg.offline
     model, tok = load_model(start_path, cfg.model.dtype, hub_ok=hub_ok)
+    model = to_device(model)   # offline pieces (method.prepare) and training run where the engine will
     fmt = PromptFormatter(tok, cfg.model.prompt_format, cfg.model.get("system_prompt"))
     info: dict = {"start_model": start_path, "base_model": base_path}
     if cfg.model.align:

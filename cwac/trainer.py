@@ -1,8 +1,9 @@
 """The one training loop, shared by every method and both stages, run by the DeepSpeed engine.
 
-On a CPU machine it runs in one process (``DS_ACCELERATOR=cpu``, gloo); under the
-``deepspeed`` launcher it runs unchanged with several ranks (each rank takes its shard of
-every global batch). Methods plug in through ``cwac.methods.Method`` hooks only.
+On a CPU machine it runs in one process (``DS_ACCELERATOR=cpu``, gloo); with CUDA the model
+sits on this rank's GPU (``train_device``, nccl) and every batch is moved to the engine's
+device. Under the ``deepspeed`` launcher it runs unchanged with several ranks (each rank takes
+its shard of every global batch). Methods plug in through ``cwac.methods.Method`` hooks only.
 """
 
 from __future__ import annotations
@@ -52,6 +53,23 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def train_device() -> torch.device:
+    """Where the model trains and the offline pieces (subspace, SAE, references) are computed:
+    this rank's GPU when CUDA is available and DeepSpeed is not pinned to the CPU
+    (``DS_ACCELERATOR=cpu``), else the CPU. DeepSpeed puts its engine on the same device."""
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def to_device(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` on ``train_device()`` (and that GPU made current)."""
+    dev = train_device()
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return model.to(dev)
+
+
 def is_main_process() -> bool:
     """Rank 0 of the process group, or of the launcher's ``RANK`` before the group exists."""
     if torch.distributed.is_initialized():
@@ -71,9 +89,9 @@ def deepspeed_config(tc: DictConfig) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    extra = tc.get("deepspeed_extra")
+    extra = tc.get("deepspeed_extra")   # deep-merged: an offload block keeps zero_optimization.stage
     if extra:
-        cfg.update(OmegaConf.to_container(extra, resolve=True))
+        cfg = OmegaConf.to_container(OmegaConf.merge(cfg, extra), resolve=True)
     return cfg
 
 
@@ -152,6 +170,7 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
                                            config=deepspeed_config(tc))
     handles = [p.register_hook(fn) for p, fn in method.grad_hooks(engine.module).items()]
 
+    device = engine.device if engine.device is not None else next(engine.module.parameters()).device
     order = batch_order(len(features), tc.epochs, seed)
     mb, acc = tc.micro_batch_size, tc.gradient_accumulation_steps
     pad = pad_id(tokenizer)
@@ -170,6 +189,7 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
                 ids = global_ids[rank * mb: (rank + 1) * mb]
                 batch = collate_train([features[i] for i in ids], pad)
                 batch = method.replace_batch(batch, step)
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 out = method.compute_loss(engine, batch, step)
                 loss = out.total
                 if not torch.isfinite(loss):

@@ -101,7 +101,8 @@ def build(roots: list[Path], out: Path, main_p: float = 0.1, decimals: int = 1, 
         pairs = sorted({(r.model, r.task) for r in rs})
         for model, task in pairs:
             t = ratio_table(rs, model, task, f"ratio-{slug(model)}-{slug(task)}{suffix}",
-                            caption + " Averages are over the p columns shown.")
+                            caption + " Averages are over the p columns shown, per seed, for the seeds that every "
+                            "column has (a column can show more seeds than its average uses).")
             if t:
                 tables.append(t)
         if not make_plots:

@@ -13,7 +13,7 @@ import pytest
 
 from cwac.utils import CONF_DIR as _CONF, OFFLINE_ENV, compose_config
 
-for _k, _v in {**OFFLINE_ENV, "WANDB_MODE": "disabled"}.items():
+for _k, _v in {**OFFLINE_ENV, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}.items():
     os.environ[_k] = _v
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 

@@ -92,8 +92,8 @@ def read_csv(path: Path, keys: list[str], header: bool = True, delimiter: str = 
         reader = csv.DictReader(f, delimiter=delimiter, fieldnames=fieldnames,
                                 quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
         rows = []
-        for i, row in enumerate(reader):
-            line = i + (2 if header and fieldnames is None else 1)
+        for row in reader:
+            line = reader.line_num   # the record's last physical line (quoted fields can span lines)
             if None in row:  # more fields than the header
                 raise DataError(f"{path}, line {line}: too many fields ({row[None]!r} left over)")
             _require(row, keys, path, line)

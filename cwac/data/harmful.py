@@ -123,6 +123,14 @@ def assert_disjoint(prompts, eval_sets=EVAL_HARMFUL_SETS) -> None:
             raise AssertionError(f"{len(clash)} training/calibration prompt(s) also appear in evaluation set {s!r}, e.g. {clash[0]!r}")
 
 
+def drop_eval_prompts(rows: list[Example], eval_sets=EVAL_HARMFUL_SETS) -> tuple[list[Example], int]:
+    """``rows`` without those whose prompt (``instruction``) is in an evaluation set, and how many
+    were dropped: the hub's BeaverTails ``30k_train`` can share prompts with evaluation sets."""
+    ev = {normalize_prompt(p) for s in eval_sets for p in prompt_set(s)}
+    kept = [e for e in rows if normalize_prompt(e.instruction) not in ev]
+    return kept, len(rows) - len(kept)
+
+
 def alpaca_examples() -> list[Example]:
     """The 5k Stanford Alpaca rows (harmless instruction -> helpful answer)."""
     path = data_path("alpaca/alpaca_5000.json")

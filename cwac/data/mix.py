@@ -6,12 +6,15 @@ the *first* rows of each source in file order, concatenated, then shuffled with 
 
 from __future__ import annotations
 
+import logging
 import random
 
 from cwac.data.examples import Example
 from cwac.data.files import DataError
-from cwac.data.harmful import beavertails_pairs
+from cwac.data.harmful import beavertails_pairs, drop_eval_prompts
 from cwac.data.tasks import load_task
+
+log = logging.getLogger(__name__)
 
 
 def harmful_count(n_total: int, ratio: float) -> int:
@@ -32,10 +35,13 @@ def build_finetune_mix(task: str, n_total: int, ratio: float, seed: int, *, harm
     """
     n_harm = harmful_count(n_total, ratio)
     pool = harmful_pool if harmful_pool is not None else (beavertails_pairs(harmful_source) if n_harm else [])
+    pool, dropped = drop_eval_prompts(pool) if n_harm else (pool, 0)   # evaluation prompts never train
+    if dropped:
+        log.info("dropped %d harmful pairs whose prompt is in an evaluation set", dropped)
     if n_harm > len(pool):
         raise DataError(
             f"the mix asks for {n_harm} harmful rows (n_total={n_total} x p={ratio}) but the harmful source "
-            f"{harmful_source!r} has only {len(pool)}; lower harmful.n_total or the ratio "
+            f"{harmful_source!r} has only {len(pool)} (after removing {dropped} evaluation prompts); lower harmful.n_total or the ratio "
             f"(max n_total at p={ratio} is {int(len(pool) / ratio) if ratio else 'unbounded'}), or use a larger source")
     rows = list(pool[:n_harm]) + load_task(task, "train", n_total - n_harm, source=task_source)
     random.Random(seed).shuffle(rows)

@@ -67,3 +67,11 @@ def test_refusals_are_varied_deterministic_and_judged_as_refusals():
     assert texts == [refusal_text(p, 0) for p in prompts]
     assert len(set(texts)) > 50
     assert all(is_refusal(t) for t in texts)
+
+
+def test_too_few_short_alpaca_answers_is_a_clear_error(tiny_cfg):
+    import pytest
+
+    cfg = tiny_cfg("alignment.max_answer_chars=5", "alignment.n_harmless=600")
+    with pytest.raises(ValueError, match=r"only \d+ Alpaca rows have answers of at most alignment.max_answer_chars=5"):
+        alignment_rows(cfg.alignment, seed=0)

@@ -44,3 +44,19 @@ def test_a_killed_builders_folder_is_removed_by_the_next_build(tmp_path):
     store.get_or_build("k", {"a": 1}, lambda d: (d / "x.txt").write_text("ok") and None)
     assert not dead.exists() and (final / "x.txt").read_text() == "ok"
     assert [p.name for p in (tmp_path / "k").iterdir() if p.name.startswith(".")] == []
+
+
+def test_metadata_and_records_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    import os
+    import stat
+
+    from cwac.utils import atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "record.json", {"a": 1})
+        path = ArtifactStore(tmp_path / "art").get_or_build("k", {"x": 1}, lambda out: None)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "record.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((path / "artifact.json").stat().st_mode) == 0o644

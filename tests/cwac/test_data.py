@@ -37,6 +37,18 @@ def test_mix_sizes_and_determinism():
     assert sum(e.source == "beavertails" for e in build_finetune_mix("sst2", 100, 0.0, seed=1)) == 0
 
 
+def test_mix_never_trains_on_an_evaluation_prompt():
+    from cwac.data.examples import Example
+    from cwac.data.harmful import prompt_set
+
+    leaked = Example(prompt_set("harmbench_test")[3], "", "a harmful answer", "beavertails")
+    pool = [leaked] + beavertails_pairs()[:20]
+    rows = build_finetune_mix("sst2", 100, 0.2, seed=1, harmful_pool=pool)
+    assert leaked not in rows and sum(e.source == "beavertails" for e in rows) == 20
+    with pytest.raises(DataError, match="after removing 1 evaluation prompts"):
+        build_finetune_mix("sst2", 105, 0.2, seed=1, harmful_pool=pool)   # 21 asked, 20 left
+
+
 def test_too_many_harmful_rows_says_how_many_exist():
     n = len(beavertails_pairs())
     assert n == 200
@@ -52,6 +64,9 @@ def test_bad_rows_name_file_and_row(tmp_path):
     c = tmp_path / "y.csv"
     c.write_text("goal,target\nok,fine\nbad,row,extra\n")
     with pytest.raises(DataError, match=r"y.csv, line 3: too many fields"):
+        read_csv(c, ["goal", "target"])
+    c.write_text('goal,target\n"a quoted\nfield over two lines",fine\nbad,row,extra\n')
+    with pytest.raises(DataError, match=r"y.csv, line 4: too many fields"):   # physical lines, not records
         read_csv(c, ["goal", "target"])
     with pytest.raises(DataError, match="does not exist"):
         files.data_path("nope/missing.csv")

@@ -58,3 +58,36 @@ def test_ranks_other_than_zero_train_but_neither_evaluate_nor_write(tiny_cfg, mo
     for name in ("record.json", "started.json", "train_log.jsonl", "samples", "wandb"):
         assert not (run_dir / name).exists(), name
     assert not (run_dir.parent / "index.jsonl").exists()
+
+
+def test_first_aligned_build_under_several_ranks_fails_fast_instead_of_hanging(tiny_cfg, tmp_path, monkeypatch):
+    from cwac.artifacts import ArtifactStore
+    from cwac.pipeline import start_model
+
+    cfg = tiny_cfg("model.align=true", f"paths.artifacts={tmp_path / 'own'}")
+    store = ArtifactStore(cfg.paths.artifacts)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="python run.py stage=align"):
+        start_model(cfg, store)
+    assert not (tmp_path / "own" / "aligned").exists() or not any((tmp_path / "own" / "aligned").iterdir())
+
+
+def test_gpu_is_used_when_present_unless_deepspeed_is_pinned_to_the_cpu(tiny_cfg, monkeypatch):
+    import torch
+
+    from cwac.pipeline import setup_env
+    from cwac.trainer import train_device
+
+    cfg = tiny_cfg()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    setup_env(cfg)
+    assert "DS_ACCELERATOR" not in __import__("os").environ      # DeepSpeed picks CUDA itself
+    assert train_device() == torch.device("cuda", 1)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert train_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("DS_ACCELERATOR")
+    setup_env(cfg)
+    assert __import__("os").environ["DS_ACCELERATOR"] == "cpu" and train_device() == torch.device("cpu")

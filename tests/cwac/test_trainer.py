@@ -143,3 +143,16 @@ def test_zero3_leaves_a_full_trained_module(tiny_model, tmp_path):
     saved = load_file(tmp_path / "m" / "model.safetensors")
     for n, t in saved.items():
         assert t.numel() > 0, n
+
+
+def test_deepspeed_extra_is_deep_merged_and_the_override_composes():
+    """The documented offload override adds to ``zero_optimization`` instead of replacing it."""
+    from cwac.trainer import deepspeed_config
+    from cwac.utils import compose_config
+
+    cfg = compose_config("model=tiny", "training.zero_stage=3",
+                         "+training.deepspeed_extra={zero_optimization:{offload_optimizer:{device:cpu}},"
+                         "zero_force_ds_cpu_optimizer:false}")
+    ds = deepspeed_config(cfg.training)
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    assert ds["zero_force_ds_cpu_optimizer"] is False and ds["train_micro_batch_size_per_gpu"] == cfg.training.micro_batch_size
