@@ -47,9 +47,9 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     return ids
 
 
-def count_generated(rows: list[list[int]], stop: int | list[int]) -> int:
+def count_generated(rows: list[list[int]], stop: list[int]) -> int:
     """Generated tokens per row up to and including the first stop token (padding after it excluded)."""
-    stops = {stop} if isinstance(stop, int) else set(stop)
+    stops = set(stop)
     return sum(next((j + 1 for j, t in enumerate(r) if t in stops), len(r)) for r in rows)
 
 

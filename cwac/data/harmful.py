@@ -114,10 +114,14 @@ def held_in_harmful_prompts() -> list[str]:
     return out
 
 
+def _normalized(prompt_set_name: str) -> set[str]:
+    return {normalize_prompt(p) for p in prompt_set(prompt_set_name)}
+
+
 def assert_disjoint(prompts, eval_sets=EVAL_HARMFUL_SETS) -> None:
     """Raise if any prompt also appears in an evaluation set (normalised text)."""
     for s in eval_sets:
-        ev = {normalize_prompt(p) for p in prompt_set(s)}
+        ev = _normalized(s)
         clash = [p for p in prompts if normalize_prompt(p) in ev]
         if clash:
             raise AssertionError(f"{len(clash)} training/calibration prompt(s) also appear in evaluation set {s!r}, e.g. {clash[0]!r}")
@@ -126,7 +130,7 @@ def assert_disjoint(prompts, eval_sets=EVAL_HARMFUL_SETS) -> None:
 def drop_eval_prompts(rows: list[Example], eval_sets=EVAL_HARMFUL_SETS) -> tuple[list[Example], int]:
     """``rows`` without those whose prompt (``instruction``) is in an evaluation set, and how many
     were dropped: the hub's BeaverTails ``30k_train`` can share prompts with evaluation sets."""
-    ev = {normalize_prompt(p) for s in eval_sets for p in prompt_set(s)}
+    ev = set().union(*(_normalized(s) for s in eval_sets))
     kept = [e for e in rows if normalize_prompt(e.instruction) not in ev]
     return kept, len(rows) - len(kept)
 
