@@ -71,10 +71,24 @@ def alignment_rows(acfg: DictConfig, seed: int) -> list[Example]:
     return rows
 
 
+def alignment_training(cfg: DictConfig) -> DictConfig:
+    """The training node the alignment stage runs with: ``training`` merged with ``alignment.training``."""
+    return OmegaConf.merge(cfg.training, cfg.alignment.training)
+
+
 def alignment_key(cfg: DictConfig, base_path_key: dict) -> dict:
-    a = OmegaConf.to_container(cfg.alignment, resolve=True)
-    return {"base": base_path_key, "alignment": a, "prompt_format": cfg.model.prompt_format,
-            "max_len": cfg.training.max_len, "seed": cfg.alignment.seed}
+    """Everything that changes the aligned weights: base model, recipe, the merged training node
+    (weight decay, schedule, precision, ... as well as the recipe's own values), dtype and chat format.
+    Logging knobs are left out, and so are LoRA's settings while the stage trains without LoRA, so that a
+    ``training=lora`` fine-tuning cell reuses the fully fine-tuned organism."""
+    tc = OmegaConf.to_container(alignment_training(cfg), resolve=True)
+    for k in ("progress", "log_every"):
+        tc.pop(k, None)
+    if not tc["lora"]["enabled"]:
+        tc["lora"] = {"enabled": False}
+    return {"base": base_path_key, "alignment": OmegaConf.to_container(cfg.alignment, resolve=True),
+            "training": tc, "dtype": cfg.model.dtype, "prompt_format": cfg.model.prompt_format,
+            "system_prompt": cfg.model.get("system_prompt")}
 
 
 def ensure_aligned(cfg: DictConfig, store, base_path: str, base_key: dict) -> Path:
@@ -94,7 +108,7 @@ def _build_aligned(cfg: DictConfig, store, base_path: str, out: Path) -> dict:
     model, tok = load_model(base_path, cfg.model.dtype)
     model = to_device(model)
     fmt = PromptFormatter(tok, cfg.model.prompt_format, cfg.model.get("system_prompt"))
-    tc = OmegaConf.merge(cfg.training, acfg.training)
+    tc = alignment_training(cfg)
     ctx = TrainContext(cfg=OmegaConf.merge(cfg, {"training": tc}), tokenizer=tok, formatter=fmt, store=store,
                        run_dir=out, stage="align", start_model_path=base_path, base_model_path=base_path)
     method_cls = get_method(acfg.method.name)

@@ -28,10 +28,14 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _take(items, n):
+    """``n`` rows spread evenly over the set (all when ``n`` is None). The prompt sets are grouped by
+    category (BeaverTails-style: 14 blocks of 10), so the first ``n`` would drop whole categories."""
     items = list(items)
-    if n is not None and n > len(items):
+    if n is None:
+        return items
+    if n > len(items):
         raise ValueError(f"asked for {n} evaluation rows but the set has {len(items)}; lower the count")
-    return items if n is None else items[:n]
+    return [items[i * len(items) // n] for i in range(n)]
 
 
 def evaluate(backend: GenerationBackend, judge: Judge, ecfg: DictConfig, task: str | None, out_dir: Path,
@@ -76,7 +80,7 @@ def evaluate(backend: GenerationBackend, judge: Judge, ecfg: DictConfig, task: s
     if task is not None and ecfg.fa_n != 0:
         t0 = time.time()
         n = ecfg.fa_n_by_task.get(task) if ecfg.fa_n is None else ecfg.fa_n
-        rows = load_task(task, "eval", n, source=task_source)
+        rows = load_task(task, ecfg.get("fa_split", "eval"), n, source=task_source)
         answers = backend.generate(rows, ecfg.fa_max_new_tokens_by_task[task], desc=f"FA {task}")
         correct = [score(task, a, r.label, ecfg.fa_match) for a, r in zip(answers, rows)]
         _write_jsonl(out_dir / f"samples_fa_{task}.jsonl",

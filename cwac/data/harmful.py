@@ -71,6 +71,9 @@ PROMPT_SETS = {
     "harmbench_val": lambda: _harmbench("val"),    # 41 standard behaviours
     "rd_harmful_test": lambda: _rd("harmful_test"),  # 572 (JailbreakBench, HarmBench test, ...)
     "rd_harmful_val": lambda: _rd("harmful_val"),
+    # harmful, validation: the local attack pairs' 200 BeaverTails prompts (never aligned on), used with
+    # harmbench_val to choose the alignment recipe without touching the HS sets (README, organism)
+    "beavertails_attack": lambda: [e.instruction for e in beavertails_pairs("local")],
     # harmful, held-in (alignment / calibration)
     "advbench": _advbench,
     "rd_harmful_train": lambda: _rd("harmful_train"),

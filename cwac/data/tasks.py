@@ -97,19 +97,27 @@ TASKS: dict[str, Callable[[str], list[Example]]] = {"sst2": _sst2, "agnews": _ag
 
 
 def load_task(name: str, split: str, n: int | None = None, source: str = "local") -> list[Example]:
-    """First ``n`` rows (file order) of a task split (``train`` or ``eval``)."""
+    """First ``n`` rows (file order) of a task split (``train`` or ``eval``), or with ``heldout`` the
+    last ``n`` train rows: the fine-tuning mix takes train rows from the front, so these are never
+    trained on (as long as the mix and ``n`` together stay within the split), which makes them the
+    place to choose a recipe without touching the FA evaluation rows."""
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if split not in ("train", "eval", "heldout"):
+        raise ValueError(f"split must be 'train', 'eval' or 'heldout', got {split!r}")
+    heldout = split == "heldout"
+    if heldout and n is None:
+        raise ValueError("the heldout split needs a row count (eval.fa_n)")
+    base = "train" if heldout else split
     if source == "local":
-        rows = TASKS[name](split)
+        rows = TASKS[name](base)
     elif source == "hub":
-        rows = _hub(name, split)
+        rows = _hub(name, base)
     else:
         raise ValueError(f"task source must be 'local' or 'hub', got {source!r}")
     if n is not None:
-        if n > len(rows):
-            raise DataError(f"task {name} {split} split has {len(rows)} rows, {n} were asked for; lower the count")
-        rows = rows[:n]
+        if n > (len(rows) // 2 if heldout else len(rows)):
+            what = f"at most half of its {len(rows)} train rows" if heldout else f"{len(rows)} rows"
+            raise DataError(f"task {name} {split} split has {what}, {n} were asked for; lower the count")
+        rows = rows[len(rows) - n:] if heldout else rows[:n]
     return rows

@@ -9,7 +9,7 @@ from cwac.alignment import alignment_rows, refusal_text
 from cwac.artifacts import ArtifactStore
 from cwac.data.harmful import EVAL_HARMFUL_SETS, prompt_set
 from cwac.pipeline import run_cell
-from cwac.utils import normalize_prompt
+from cwac.utils import normalize_prompt, stable_hash
 from eval.judges import is_refusal
 
 
@@ -75,3 +75,22 @@ def test_too_few_short_alpaca_answers_is_a_clear_error(tiny_cfg):
     cfg = tiny_cfg("alignment.max_answer_chars=5", "alignment.n_harmless=600")
     with pytest.raises(ValueError, match=r"only \d+ Alpaca rows have answers of at most alignment.max_answer_chars=5"):
         alignment_rows(cfg.alignment, seed=0)
+
+
+def test_alignment_key_follows_what_changes_the_aligned_weights(tiny_cfg):
+    from cwac.alignment import alignment_key
+
+    def key(*over):
+        return stable_hash(alignment_key(tiny_cfg("model.align=true", *over), {"base": "b"}))
+
+    ref = key()
+    # the merged training node: values the recipe does not set itself still change the weights
+    for over in ("training.weight_decay=0.1", "training.lr_schedule=cosine", "training.precision=bf16",
+                 "training.max_grad_norm=0.5", "model.dtype=bfloat16", "model.system_prompt=Be brief.",
+                 "alignment.training.lr=5e-3"):
+        assert key(over) != ref, over
+    # ... while the fine-tuning lr (the recipe sets its own), logging knobs and the settings of a
+    # LoRA the stage does not use leave it, so a training=lora cell reuses the organism
+    for over in ("training.lr=9e-4", "training.progress=false", "training.log_every=5", "training.lora.r=64",
+                 "training.lora.target_modules=[q_proj]"):
+        assert key(over) == ref, over

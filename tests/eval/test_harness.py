@@ -35,3 +35,32 @@ def test_fa_reads_the_task_source_that_fine_tuning_read(tmp_path, monkeypatch):
     assert m["fa"] == 50.0 and m["counts"]["fa_sst2"] == 2
     rows = [json.loads(line) for line in (tmp_path / "samples_fa_sst2.jsonl").read_text().splitlines()]
     assert [r["correct"] for r in rows] == [True, False]
+
+
+def test_a_capped_prompt_set_covers_every_category():
+    """The BeaverTails-style set is 14 category blocks of 10; 100 prompts must reach all 14 (the
+    first 100 stopped after 10), and a count equal to the set's size keeps it whole and in order."""
+    from cwac.data.harmful import prompt_set
+
+    full = list(prompt_set("beavertails_eval"))
+    assert len(full) == 140
+    picked = harness._take(full, 100)
+    assert len(picked) == len(set(picked)) == 100
+    assert {full.index(p) // 10 for p in picked} == set(range(14))
+    assert harness._take(full, 140) == full and harness._take(full, None) == full
+
+
+def test_fa_can_score_held_out_train_rows_instead_of_the_evaluation_rows(tmp_path):
+    from cwac.data.mix import build_finetune_mix
+    from cwac.data.tasks import load_task
+
+    ecfg = OmegaConf.create({"hs_sets": [], "hs_n": None, "hs_max_new_tokens": 4, "harmless_n": 0, "fa_n": 20,
+                             "fa_n_by_task": {}, "fa_max_new_tokens_by_task": {"sst2": 4}, "fa_match": "exact",
+                             "fa_split": "heldout"})
+    harness.evaluate(Scripted(), JUDGES.get("keyword")(), ecfg, "sst2", tmp_path)
+    scored = [json.loads(line)["input"] for line in (tmp_path / "samples_fa_sst2.jsonl").read_text().splitlines()]
+    train = load_task("sst2", "train")
+    assert scored == [e.input for e in train[-20:]]
+    trained = {e.input for e in build_finetune_mix("sst2", 400, 0.1, 0)}
+    dev = {e.input for e in load_task("sst2", "eval")}
+    assert not (set(scored) & trained) and not (set(scored) & dev)
