@@ -98,11 +98,6 @@ def test_held_in_harmful_prompts_are_disjoint_from_every_eval_set():
 
 
 def test_heldout_split_needs_a_count_that_leaves_the_front_for_training():
-    import pytest
-
-    from cwac.data.files import DataError
-    from cwac.data.tasks import load_task
-
     with pytest.raises(ValueError, match="needs a row count"):
         load_task("sst2", "heldout")
     n = len(load_task("sst2", "train"))
