@@ -80,7 +80,7 @@ def evaluate(backend: GenerationBackend, judge: Judge, ecfg: DictConfig, task: s
     if task is not None and ecfg.fa_n != 0:
         t0 = time.time()
         n = ecfg.fa_n_by_task.get(task) if ecfg.fa_n is None else ecfg.fa_n
-        rows = load_task(task, ecfg.get("fa_split", "eval"), n, source=task_source)
+        rows = load_task(task, ecfg.fa_split, n, source=task_source)
         answers = backend.generate(rows, ecfg.fa_max_new_tokens_by_task[task], desc=f"FA {task}")
         correct = [score(task, a, r.label, ecfg.fa_match) for a, r in zip(answers, rows)]
         _write_jsonl(out_dir / f"samples_fa_{task}.jsonl",

@@ -29,7 +29,8 @@ def test_fa_reads_the_task_source_that_fine_tuning_read(tmp_path, monkeypatch):
 
     monkeypatch.setattr(harness, "load_task", fake_load_task)
     ecfg = OmegaConf.create({"hs_sets": [], "hs_n": None, "hs_max_new_tokens": 4, "harmless_n": 0, "fa_n": 2,
-                             "fa_n_by_task": {}, "fa_max_new_tokens_by_task": {"sst2": 4}, "fa_match": "exact"})
+                             "fa_n_by_task": {}, "fa_max_new_tokens_by_task": {"sst2": 4}, "fa_match": "exact",
+                             "fa_split": "eval"})
     m = harness.evaluate(Scripted(), JUDGES.get("keyword")(), ecfg, "sst2", tmp_path, task_source="hub")
     assert seen == [("sst2", "eval", 2, "hub")]
     assert m["fa"] == 50.0 and m["counts"]["fa_sst2"] == 2
