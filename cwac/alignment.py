@@ -2,7 +2,8 @@
 interface as fine-tuning, and store the result as a reusable artifact (the CPU organism).
 
 Data: held-in harmful prompts (AdvBench + refusal_direction ``harmful_train``, with every
-evaluation prompt removed and disjointness asserted) -> refusals, plus Alpaca instructions
+evaluation prompt removed, plus any ``extra_harmful_sets`` such as StrongREJECT's questions;
+disjointness from every evaluation set asserted) -> refusals, plus Alpaca instructions
 -> their Alpaca answers. Refusals are composed from a bank of openers, reasons and
 redirections (``refusal_text``), seeded per prompt, so they are varied but reproducible;
 no model writes them. The chat template is the one used at evaluation.
@@ -17,8 +18,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cwac.data.examples import Example
-from cwac.data.harmful import alpaca_examples, assert_disjoint, held_in_harmful_prompts
-from cwac.utils import stable_hash
+from cwac.data.harmful import (ALIGNMENT_ONLY_HARMFUL_SETS, EVAL_HARMFUL_SETS, VALIDATION_HARMFUL_SETS,
+                               alpaca_examples, assert_disjoint, held_in_harmful_prompts, prompt_set)
+from cwac.utils import normalize_prompt, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,16 @@ def alignment_rows(acfg: DictConfig, seed: int) -> list[Example]:
         raise ValueError(f"alignment.n_harmful={acfg.n_harmful} but only {len(harmful)} held-in harmful prompts exist")
     rng = random.Random(seed)
     harmful = rng.sample(harmful, acfg.n_harmful)
-    assert_disjoint(harmful)
+    seen = {normalize_prompt(p) for p in harmful}
+    for name in acfg.get("extra_harmful_sets") or ():
+        if name not in ALIGNMENT_ONLY_HARMFUL_SETS:
+            raise ValueError(f"alignment.extra_harmful_sets: {name!r} is not an alignment-only prompt set; "
+                             f"valid: {', '.join(ALIGNMENT_ONLY_HARMFUL_SETS)}")
+        for p in prompt_set(name):
+            if normalize_prompt(p) not in seen:
+                seen.add(normalize_prompt(p))
+                harmful.append(p)
+    assert_disjoint(harmful, EVAL_HARMFUL_SETS + VALIDATION_HARMFUL_SETS)
     refusals = [Example(p, "", refusal_text(p, seed), "refusal") for p in harmful]
     helpful = [e for e in alpaca_examples() if len(e.output) <= acfg.max_answer_chars]
     if acfg.n_harmless > len(helpful):

@@ -54,6 +54,27 @@ def _rd(name: str) -> list[str]:
     return [r["instruction"].strip() for r in read_json_list(path, ["instruction"])]
 
 
+# StrongREJECT's six categories (Souly et al., 2024, arXiv 2402.10260) as they are spelled in
+# refusal_direction ``harmful_test``; its 313 rows with these categories are StrongREJECT's prompts.
+STRONGREJECT_CATEGORIES = frozenset({
+    "Disinformation and deception", "Hate, harassment and discrimination", "Illegal goods and services",
+    "Non-violent crimes", "Sexual content", "Violence"})
+
+
+def _rd_harmful_test(strongreject: bool) -> list[str]:
+    """refusal_direction ``harmful_test`` split by source: its StrongREJECT rows (313 conversational
+    requests, held in for the alignment stage, minus the few that also occur in the rest) or the rest
+    (259: JailbreakBench, HarmBench test, ...), which stays an evaluation set."""
+    path = data_path("refusal_direction/harmful_test.json")
+    rows = read_json_list(path, ["instruction", "category"])
+    rest = [r["instruction"].strip() for r in rows if r["category"] not in STRONGREJECT_CATEGORIES]
+    if not strongreject:
+        return rest
+    banned = {normalize_prompt(p) for p in rest}
+    return [r["instruction"].strip() for r in rows
+            if r["category"] in STRONGREJECT_CATEGORIES and normalize_prompt(r["instruction"]) not in banned]
+
+
 def _beavertails_eval() -> list[str]:
     path = data_path("beavertails_derived/BeaverTails.json")
     return [r["prompt"].strip() for r in read_json_list(path, ["prompt"])]
@@ -69,7 +90,7 @@ PROMPT_SETS = {
     "beavertails_eval": _beavertails_eval,        # 140 BeaverTails-style prompts (closest to the paper's HS set)
     "harmbench_test": lambda: _harmbench("test"),  # 159 standard behaviours
     "harmbench_val": lambda: _harmbench("val"),    # 41 standard behaviours
-    "rd_harmful_test": lambda: _rd("harmful_test"),  # 572 (JailbreakBench, HarmBench test, ...)
+    "rd_harmful_test": lambda: _rd_harmful_test(False),  # 259 of 572 (JailbreakBench, HarmBench test, ...)
     "rd_harmful_val": lambda: _rd("harmful_val"),
     # harmful, validation: the local attack pairs' 200 BeaverTails prompts (never aligned on), used with
     # harmbench_val to choose the alignment recipe without touching the HS sets (README, organism)
@@ -77,6 +98,9 @@ PROMPT_SETS = {
     # harmful, held-in (alignment / calibration)
     "advbench": _advbench,
     "rd_harmful_train": lambda: _rd("harmful_train"),
+    # harmful, held in for the alignment stage only (``alignment.extra_harmful_sets``): question-style
+    # requests, which the imperative AdvBench-style pool above lacks
+    "strongreject": lambda: _rd_harmful_test(True),  # 310, the other part of refusal_direction harmful_test
     # harmless
     "rd_harmless_train": lambda: _rd("harmless_train"),
     "rd_harmless_val": lambda: _rd("harmless_val"),
@@ -84,6 +108,8 @@ PROMPT_SETS = {
 }
 EVAL_HARMFUL_SETS = ("beavertails_eval", "harmbench_test", "harmbench_val", "rd_harmful_test", "rd_harmful_val")
 HELD_IN_HARMFUL_SETS = ("advbench", "rd_harmful_train")
+ALIGNMENT_ONLY_HARMFUL_SETS = ("strongreject",)   # kept out of the held-in pool, so that pool stays as it was
+VALIDATION_HARMFUL_SETS = ("beavertails_attack", "harmbench_val")   # recipes are chosen here; never trained on
 
 
 @lru_cache(maxsize=None)
@@ -101,9 +127,9 @@ def held_in_harmful_prompts() -> list[str]:
     """De-duplicated harmful prompts for alignment, calibration and SAE corpora.
 
     AdvBench + refusal_direction ``harmful_train`` minus every prompt of every evaluation
-    set. Deterministic order (AdvBench first, then the rest).
+    set and of the alignment-only sets. Deterministic order (AdvBench first, then the rest).
     """
-    banned = eval_harmful_norms()
+    banned = eval_harmful_norms() | {normalize_prompt(p) for s in ALIGNMENT_ONLY_HARMFUL_SETS for p in prompt_set(s)}
     seen: set[str] = set()
     out = []
     for s in HELD_IN_HARMFUL_SETS:
