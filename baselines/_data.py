@@ -63,6 +63,8 @@ def alignment_pool(ctx) -> list[Example]:
 
     acfg = ctx.cfg.alignment
     recipe = {k: OmegaConf.to_container(acfg, resolve=True)[k] for k in ("n_harmful", "n_harmless", "max_answer_chars", "seed")}
+    if acfg.get("extra_harmful_sets"):   # only when set, so recipes without it keep their key
+        recipe["extra_harmful_sets"] = list(acfg.extra_harmful_sets)
 
     def build(out: Path) -> dict:
         rows = alignment_rows(acfg, acfg.seed)

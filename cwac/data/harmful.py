@@ -85,6 +85,20 @@ def _advbench() -> list[str]:
     return [r["goal"].strip() for r in read_csv(path, ["goal", "target"])]
 
 
+def _beavertails_attack_half(half: str) -> list[str]:
+    """The local attack pairs' prompts split in file order. ``front``: the distinct prompts of rows
+    0-99, which validate and are the only harmful rows of the CPU preset's mixes up to p = 0.2 (n = 400
+    takes the first n*p pairs, ``build_finetune_mix``). ``back``: the distinct prompts of rows 100-199
+    that are not in the front, which the alignment stage may train refusals on."""
+    prompts = [e.instruction for e in beavertails_pairs("local")]
+    front, back, seen = [], [], set()
+    for i, q in enumerate(prompts):
+        if normalize_prompt(q) not in seen:
+            seen.add(normalize_prompt(q))
+            (front if i < 100 else back).append(q)
+    return front if half == "front" else back
+
+
 PROMPT_SETS = {
     # harmful, evaluation only
     "beavertails_eval": _beavertails_eval,        # 140 BeaverTails-style prompts (closest to the paper's HS set)
@@ -95,12 +109,14 @@ PROMPT_SETS = {
     # harmful, validation: the local attack pairs' 200 BeaverTails prompts (never aligned on), used with
     # harmbench_val to choose the alignment recipe without touching the HS sets (README, organism)
     "beavertails_attack": lambda: [e.instruction for e in beavertails_pairs("local")],
+    "beavertails_attack_val": lambda: _beavertails_attack_half("front"),  # 100: validation when the back is aligned on
     # harmful, held-in (alignment / calibration)
     "advbench": _advbench,
     "rd_harmful_train": lambda: _rd("harmful_train"),
     # harmful, held in for the alignment stage only (``alignment.extra_harmful_sets``): question-style
     # requests, which the imperative AdvBench-style pool above lacks
     "strongreject": lambda: _rd_harmful_test(True),  # 310, the other part of refusal_direction harmful_test
+    "beavertails_attack_back": lambda: _beavertails_attack_half("back"),  # 98 BeaverTails questions (rows 100-199)
     # harmless
     "rd_harmless_train": lambda: _rd("harmless_train"),
     "rd_harmless_val": lambda: _rd("harmless_val"),
@@ -108,8 +124,8 @@ PROMPT_SETS = {
 }
 EVAL_HARMFUL_SETS = ("beavertails_eval", "harmbench_test", "harmbench_val", "rd_harmful_test", "rd_harmful_val")
 HELD_IN_HARMFUL_SETS = ("advbench", "rd_harmful_train")
-ALIGNMENT_ONLY_HARMFUL_SETS = ("strongreject",)   # kept out of the held-in pool, so that pool stays as it was
-VALIDATION_HARMFUL_SETS = ("beavertails_attack", "harmbench_val")   # recipes are chosen here; never trained on
+ALIGNMENT_ONLY_HARMFUL_SETS = ("strongreject", "beavertails_attack_back")   # kept out of the held-in pool
+VALIDATION_HARMFUL_SETS = ("beavertails_attack_val", "harmbench_val")   # recipes are chosen here; never trained on
 
 
 @lru_cache(maxsize=None)

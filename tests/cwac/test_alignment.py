@@ -94,3 +94,23 @@ def test_alignment_key_follows_what_changes_the_aligned_weights(tiny_cfg):
     for over in ("training.lr=9e-4", "training.progress=false", "training.log_every=5", "training.lora.r=64",
                  "training.lora.target_modules=[q_proj]"):
         assert key(over) == ref, over
+
+
+def test_extra_strongreject_refusals_are_added_once_and_kept_off_every_evaluation_set(tiny_cfg):
+    import pytest
+
+    from cwac.data.harmful import VALIDATION_HARMFUL_SETS, held_in_harmful_prompts
+
+    sr = {normalize_prompt(p) for p in prompt_set("strongreject")}
+    held_in = {normalize_prompt(p) for p in held_in_harmful_prompts()}
+    # the alignment-only set is a separate source: not in the shared held-in pool, not in any evaluation
+    # or validation set (rd_harmful_test lost exactly these rows)
+    assert sr and not sr & held_in
+    for s in EVAL_HARMFUL_SETS + VALIDATION_HARMFUL_SETS:
+        assert not sr & {normalize_prompt(p) for p in prompt_set(s)}, s
+    cfg = tiny_cfg("alignment.n_harmful=12", "+alignment.extra_harmful_sets=[strongreject]")
+    harmful = [normalize_prompt(r.instruction) for r in alignment_rows(cfg.alignment, seed=0) if r.source == "refusal"]
+    assert len(harmful) == len(set(harmful)) == 12 + len(sr)
+    assert sr <= set(harmful)
+    with pytest.raises(ValueError, match=r"'harmbench_test' is not an alignment-only prompt set; valid: strongreject, beavertails_attack_back"):
+        alignment_rows(tiny_cfg("+alignment.extra_harmful_sets=[harmbench_test]").alignment, seed=0)
