@@ -112,5 +112,13 @@ def test_extra_strongreject_refusals_are_added_once_and_kept_off_every_evaluatio
     harmful = [normalize_prompt(r.instruction) for r in alignment_rows(cfg.alignment, seed=0) if r.source == "refusal"]
     assert len(harmful) == len(set(harmful)) == 12 + len(sr)
     assert sr <= set(harmful)
+    # the BeaverTails-style alignment prompts: the CPU preset's attack mixes up to p = 0.2 (80 of n = 400
+    # rows, the front of the pairs) never fine-tune on one, and the front validates
+    from cwac.data.mix import build_finetune_mix
+
+    back = {normalize_prompt(p) for p in prompt_set("beavertails_attack_back")}
+    assert len(back) == 98 and not back & {normalize_prompt(p) for p in prompt_set("beavertails_attack_val")}
+    mix = build_finetune_mix("sst2", 400, 0.2, seed=0)
+    assert not back & {normalize_prompt(e.instruction) for e in mix if e.source == "beavertails"}
     with pytest.raises(ValueError, match=r"'harmbench_test' is not an alignment-only prompt set; valid: strongreject, beavertails_attack_back"):
         alignment_rows(tiny_cfg("+alignment.extra_harmful_sets=[harmbench_test]").alignment, seed=0)
