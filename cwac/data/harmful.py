@@ -106,14 +106,15 @@ PROMPT_SETS = {
     "harmbench_val": lambda: _harmbench("val"),    # 41 standard behaviours
     "rd_harmful_test": lambda: _rd_harmful_test(False),  # 259 of 572 (JailbreakBench, HarmBench test, ...)
     "rd_harmful_val": lambda: _rd("harmful_val"),
-    # harmful, validation: the local attack pairs' 200 BeaverTails prompts (never aligned on), used with
-    # harmbench_val to choose the alignment recipe without touching the HS sets (README, organism)
+    # harmful, validation: the local attack pairs' 200 BeaverTails prompts (which the default recipe never
+    # aligns on), used with harmbench_val to choose the alignment recipe without touching the HS sets
+    # (README, organism); only the front 100 when a recipe aligns on the back (beavertails_attack_back)
     "beavertails_attack": lambda: [e.instruction for e in beavertails_pairs("local")],
     "beavertails_attack_val": lambda: _beavertails_attack_half("front"),  # 100: validation when the back is aligned on
     # harmful, held-in (alignment / calibration)
     "advbench": _advbench,
     "rd_harmful_train": lambda: _rd("harmful_train"),
-    # harmful, held in for the alignment stage only (``alignment.extra_harmful_sets``): question-style
+    # harmful, held in for the alignment stage only (``alignment.extra_harmful_sets``): conversational
     # requests, which the imperative AdvBench-style pool above lacks
     "strongreject": lambda: _rd_harmful_test(True),  # 310, the other part of refusal_direction harmful_test
     "beavertails_attack_back": lambda: _beavertails_attack_half("back"),  # 98 BeaverTails questions (rows 100-199)
