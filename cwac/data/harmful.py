@@ -146,7 +146,7 @@ def held_in_harmful_prompts() -> list[str]:
     AdvBench + refusal_direction ``harmful_train`` minus every prompt of every evaluation
     set and of the alignment-only sets. Deterministic order (AdvBench first, then the rest).
     """
-    banned = eval_harmful_norms() | {normalize_prompt(p) for s in ALIGNMENT_ONLY_HARMFUL_SETS for p in prompt_set(s)}
+    banned = eval_harmful_norms().union(*(_normalized(s) for s in ALIGNMENT_ONLY_HARMFUL_SETS))
     seen: set[str] = set()
     out = []
     for s in HELD_IN_HARMFUL_SETS:

@@ -96,7 +96,7 @@ def test_alignment_key_follows_what_changes_the_aligned_weights(tiny_cfg):
         assert key(over) == ref, over
 
 
-def test_extra_strongreject_refusals_are_added_once_and_kept_off_every_evaluation_set(tiny_cfg):
+def test_alignment_only_prompt_sets_are_added_once_and_kept_off_evaluation_validation_and_small_mixes(tiny_cfg):
     import pytest
 
     from cwac.data.harmful import VALIDATION_HARMFUL_SETS, held_in_harmful_prompts
