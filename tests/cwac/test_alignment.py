@@ -85,13 +85,14 @@ def test_alignment_key_follows_what_changes_the_aligned_weights(tiny_cfg):
 
     ref = key()
     # the merged training node: values the recipe does not set itself still change the weights
-    for over in ("training.weight_decay=0.1", "training.lr_schedule=cosine", "training.precision=bf16",
-                 "training.max_grad_norm=0.5", "model.dtype=bfloat16", "model.system_prompt=Be brief.",
-                 "alignment.training.lr=5e-3"):
+    for over in ("training.weight_decay=0.1", "training.precision=bf16", "training.max_grad_norm=0.5",
+                 "model.dtype=bfloat16", "model.system_prompt=Be brief.", "alignment.training.lr=5e-3",
+                 "alignment.training.lr_schedule=cosine"):
         assert key(over) != ref, over
-    # ... while the fine-tuning lr (the recipe sets its own), logging knobs and the settings of a
-    # LoRA the stage does not use leave it, so a training=lora cell reuses the organism
-    for over in ("training.lr=9e-4", "training.progress=false", "training.log_every=5", "training.lora.r=64",
+    # ... while the fine-tuning lr and schedule (the recipe sets its own), logging knobs and the settings
+    # of a LoRA the stage does not use leave it, so a training=lora cell reuses the organism
+    for over in ("training.lr=9e-4", "training.lr_schedule=cosine", "training.warmup_ratio=0.1",
+                 "training.progress=false", "training.log_every=5", "training.lora.r=64",
                  "training.lora.target_modules=[q_proj]"):
         assert key(over) == ref, over
 
