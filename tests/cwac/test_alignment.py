@@ -109,7 +109,7 @@ def test_alignment_only_prompt_sets_are_added_once_and_kept_off_evaluation_valid
     assert sr and not sr & held_in
     for s in EVAL_HARMFUL_SETS + VALIDATION_HARMFUL_SETS:
         assert not sr & {normalize_prompt(p) for p in prompt_set(s)}, s
-    cfg = tiny_cfg("alignment.n_harmful=12", "+alignment.extra_harmful_sets=[strongreject]")
+    cfg = tiny_cfg("alignment.n_harmful=12", "alignment.extra_harmful_sets=[strongreject]")
     harmful = [normalize_prompt(r.instruction) for r in alignment_rows(cfg.alignment, seed=0) if r.source == "refusal"]
     assert len(harmful) == len(set(harmful)) == 12 + len(sr)
     assert sr <= set(harmful)
@@ -122,4 +122,4 @@ def test_alignment_only_prompt_sets_are_added_once_and_kept_off_evaluation_valid
     mix = build_finetune_mix("sst2", 400, 0.2, seed=0)
     assert not back & {normalize_prompt(e.instruction) for e in mix if e.source == "beavertails"}
     with pytest.raises(ValueError, match=r"'harmbench_test' is not an alignment-only prompt set; valid: strongreject, beavertails_attack_back"):
-        alignment_rows(tiny_cfg("+alignment.extra_harmful_sets=[harmbench_test]").alignment, seed=0)
+        alignment_rows(tiny_cfg("alignment.extra_harmful_sets=[harmbench_test]").alignment, seed=0)
