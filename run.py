@@ -24,9 +24,9 @@ def main(cfg: DictConfig) -> float | None:
     m = record["metrics"]
     if not m:  # a rank other than 0 of a multi-rank run: rank 0 evaluates and reports
         return None
-    fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
-    print(f"\n[{record['cell']}]  HS = {fmt(m.get('hs'))}%  FA = {fmt(m.get('fa'))}%  "
-          f"over-refusal = {fmt(m.get('over_refusal'))}%  (judge: {m['judge']['name']}, backend: {m['backend']})")
+    fmt = lambda v: "not scored" if v is None else f"{v:.1f}%"  # noqa: E731
+    print(f"\n[{record['cell']}]  HS = {fmt(m.get('hs'))}  FA = {fmt(m.get('fa'))}  "
+          f"over-refusal = {fmt(m.get('over_refusal'))}  (judge: {m['judge']['name']}, backend: {m['backend']})")
     print(f"record: {record['run_dir']}/record.json")
     return m.get("hs")
 

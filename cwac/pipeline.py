@@ -148,6 +148,9 @@ def _run(cfg: DictConfig, run_dir: Path, logger, main: bool) -> dict:
     from cwac.trainer import to_device, train
 
     timings: dict = {}
+    if main:   # a bad evaluation count fails now, not after the build and the training
+        from eval.harness import check_eval_sets
+        check_eval_sets(cfg.eval)
     seed_everything(cfg.seed)
     store = ArtifactStore(cfg.paths.artifacts)
     t = time.time()

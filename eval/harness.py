@@ -27,15 +27,25 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def _take(items, n):
+def _take(items, n, what: str = "the set", key: str = "the count"):
     """``n`` rows spread evenly over the set (all when ``n`` is None). The prompt sets are grouped by
     category (BeaverTails-style: 14 blocks of 10), so the first ``n`` would drop whole categories."""
     items = list(items)
     if n is None:
         return items
     if n > len(items):
-        raise ValueError(f"asked for {n} evaluation rows but the set has {len(items)}; lower the count")
+        raise ValueError(f"{key}={n} but {what} has {len(items)} prompts; "
+                         f"set {key}<={len(items)} or {key}=null (all of them)")
     return [items[i * len(items) // n] for i in range(n)]
+
+
+def check_eval_sets(ecfg: DictConfig) -> None:
+    """Fail before any training if an HS or harmless set is unknown or smaller than its count."""
+    for s in ecfg.hs_sets:
+        _take(prompt_set(s), ecfg.hs_n, f"HS set {s!r}", "eval.hs_n")
+    if ecfg.harmless_n:
+        _take(harmless_eval_prompts(ecfg.harmless_set), ecfg.harmless_n,
+              f"harmless set {ecfg.harmless_set!r}", "eval.harmless_n")
 
 
 def evaluate(backend: GenerationBackend, judge: Judge, ecfg: DictConfig, task: str | None, out_dir: Path,
@@ -53,7 +63,7 @@ def evaluate(backend: GenerationBackend, judge: Judge, ecfg: DictConfig, task: s
     flagged_total = n_total = 0
     for s in ecfg.hs_sets:
         t0 = time.time()
-        prompts = _take(prompt_set(s), ecfg.hs_n)
+        prompts = _take(prompt_set(s), ecfg.hs_n, f"HS set {s!r}", "eval.hs_n")
         answers = backend.generate([Example(p) for p in prompts], ecfg.hs_max_new_tokens, desc=f"HS {s}")
         labels = judge.predict(prompts, answers, judge_threshold)
         _write_jsonl(out_dir / f"samples_hs_{s}.jsonl",
@@ -68,7 +78,8 @@ def evaluate(backend: GenerationBackend, judge: Judge, ecfg: DictConfig, task: s
 
     if ecfg.harmless_n:
         t0 = time.time()
-        prompts = _take(harmless_eval_prompts(ecfg.harmless_set), ecfg.harmless_n)
+        prompts = _take(harmless_eval_prompts(ecfg.harmless_set), ecfg.harmless_n,
+                        f"harmless set {ecfg.harmless_set!r}", "eval.harmless_n")
         answers = backend.generate([Example(p) for p in prompts], ecfg.hs_max_new_tokens, desc="harmless")
         refused = [is_refusal(a) for a in answers]
         _write_jsonl(out_dir / "samples_harmless.jsonl",

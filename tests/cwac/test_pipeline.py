@@ -41,6 +41,22 @@ def test_crashed_run_never_looks_complete(tiny_cfg):
     assert rec["status"] == "failed" and "has only 200" in rec["error"] and "metrics" not in rec
 
 
+def test_an_evaluation_count_larger_than_its_set_fails_before_training(tiny_cfg, monkeypatch):
+    """harmbench_val has 41 prompts: asking for 100 must fail at once, naming the key and the fix,
+    not after the build and the fine-tuning."""
+    import cwac.trainer
+
+    def no_training(*a, **k):
+        raise AssertionError("training started before the evaluation counts were checked")
+
+    monkeypatch.setattr(cwac.trainer, "train", no_training)
+    cfg = tiny_cfg("method=sft", "eval.hs_sets=[harmbench_val]", "eval.hs_n=100")
+    with pytest.raises(ValueError, match=r"eval.hs_n=100 but HS set 'harmbench_val' has 41 prompts.*eval.hs_n=null"):
+        run_cell(cfg)
+    rec = json.loads((run_dir_for(cfg) / "record.json").read_text())
+    assert rec["status"] == "failed" and "eval.hs_n=100" in rec["error"]
+
+
 def test_ranks_other_than_zero_train_but_neither_evaluate_nor_write(tiny_cfg, monkeypatch):
     """Under a multi-rank launcher only rank 0 evaluates, logs and writes the record."""
     import cwac.trainer
