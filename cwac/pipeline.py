@@ -149,8 +149,8 @@ def _run(cfg: DictConfig, run_dir: Path, logger, main: bool) -> dict:
 
     timings: dict = {}
     if main:   # a bad evaluation count fails now, not after the build and the training
-        from eval.harness import check_eval_sets
-        check_eval_sets(cfg.eval)
+        from eval.harness import selected_prompts
+        selected_prompts(cfg.eval)
     seed_everything(cfg.seed)
     store = ArtifactStore(cfg.paths.artifacts)
     t = time.time()

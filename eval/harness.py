@@ -39,13 +39,13 @@ def _take(items, n, what: str = "the set", key: str = "the count"):
     return [items[i * len(items) // n] for i in range(n)]
 
 
-def check_eval_sets(ecfg: DictConfig) -> None:
-    """Fail before any training if an HS or harmless set is unknown or smaller than its count."""
-    for s in ecfg.hs_sets:
-        _take(prompt_set(s), ecfg.hs_n, f"HS set {s!r}", "eval.hs_n")
-    if ecfg.harmless_n:
-        _take(harmless_eval_prompts(ecfg.harmless_set), ecfg.harmless_n,
-              f"harmless set {ecfg.harmless_set!r}", "eval.harmless_n")
+def selected_prompts(ecfg: DictConfig) -> tuple[dict[str, list[str]], list[str]]:
+    """The HS prompts per set and the harmless prompts that ``ecfg`` asks for; raises, naming the
+    key and the fix, if a set is unknown or smaller than its count. Called before training too."""
+    hs = {s: _take(prompt_set(s), ecfg.hs_n, f"HS set {s!r}", "eval.hs_n") for s in ecfg.hs_sets}
+    harmless = (_take(harmless_eval_prompts(ecfg.harmless_set), ecfg.harmless_n,
+                      f"harmless set {ecfg.harmless_set!r}", "eval.harmless_n") if ecfg.harmless_n else [])
+    return hs, harmless
 
 
 def evaluate(backend: GenerationBackend, judge: Judge, ecfg: DictConfig, task: str | None, out_dir: Path,
@@ -61,9 +61,9 @@ def evaluate(backend: GenerationBackend, judge: Judge, ecfg: DictConfig, task: s
     out_dir = Path(out_dir)
     metrics: dict = {"hs_by_set": {}, "counts": {}, "seconds": {}}
     flagged_total = n_total = 0
-    for s in ecfg.hs_sets:
+    hs_prompts, harmless_prompts = selected_prompts(ecfg)
+    for s, prompts in hs_prompts.items():
         t0 = time.time()
-        prompts = _take(prompt_set(s), ecfg.hs_n, f"HS set {s!r}", "eval.hs_n")
         answers = backend.generate([Example(p) for p in prompts], ecfg.hs_max_new_tokens, desc=f"HS {s}")
         labels = judge.predict(prompts, answers, judge_threshold)
         _write_jsonl(out_dir / f"samples_hs_{s}.jsonl",
@@ -78,8 +78,7 @@ def evaluate(backend: GenerationBackend, judge: Judge, ecfg: DictConfig, task: s
 
     if ecfg.harmless_n:
         t0 = time.time()
-        prompts = _take(harmless_eval_prompts(ecfg.harmless_set), ecfg.harmless_n,
-                        f"harmless set {ecfg.harmless_set!r}", "eval.harmless_n")
+        prompts = harmless_prompts
         answers = backend.generate([Example(p) for p in prompts], ecfg.hs_max_new_tokens, desc="harmless")
         refused = [is_refusal(a) for a in answers]
         _write_jsonl(out_dir / "samples_harmless.jsonl",
