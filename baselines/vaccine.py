@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from baselines._common import decoder_layers, unwrap
-from cwac.methods import METHODS, LossOutput, Method, sequence_mean_ce
+from cwac.methods import METHODS, LossOutput, Method
 
 
 @METHODS.register("vaccine")
@@ -46,10 +46,6 @@ class Vaccine(Method):
                                  "model. Run `python run.py method=vaccine method@alignment.method=vaccine` with "
                                  "model.align=true (our alignment stage).")
         self.last_eps: list[torch.Tensor] = []  # the perturbation of the latest micro-batch (inspection, tests)
-
-    def _forward_loss(self, model, batch) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return sequence_mean_ce(out.logits, batch["labels"], self.loss_reduction)
 
     def perturbation(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """eps_l = rho * G_l / (||G|| + 1e-7), the norm over layers, tokens and batch (or per example)."""
@@ -75,7 +71,7 @@ class Vaccine(Method):
         try:  # pass 1: gradients w.r.t. the attention outputs only. Run on the bare module: the
             # engine's forward arms DeepSpeed's backward hooks, which refuse a direct autograd call
             # (ZeRO-3 would need its parameters gathered here; stages 0-2 are supported).
-            loss1 = self._forward_loss(unwrap(model), batch)
+            loss1 = self.task_loss(unwrap(model), batch)
         finally:
             for h in handles:
                 h.remove()
@@ -93,7 +89,7 @@ class Vaccine(Method):
 
         handles = [m.register_forward_hook(perturb(i)) for i, m in enumerate(attn)]
         try:  # pass 2: the loss at the perturbed activations
-            loss2 = self._forward_loss(model, batch)
+            loss2 = self.task_loss(model, batch)
         finally:
             for h in handles:
                 h.remove()

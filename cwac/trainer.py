@@ -164,7 +164,8 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
     if not trainable:
         raise ValueError("no trainable parameters: the method froze everything")
     steps = plan_steps(len(features), tc, world)
-    opt = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
+    opt = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas),
+                            fused=bool(tc.get("fused_adamw", False)) or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.lr_schedule, int(tc.warmup_ratio * steps), steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(tc))

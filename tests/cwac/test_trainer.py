@@ -156,3 +156,44 @@ def test_deepspeed_extra_is_deep_merged_and_the_override_composes():
     ds = deepspeed_config(cfg.training)
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
     assert ds["zero_force_ds_cpu_optimizer"] is False and ds["train_micro_batch_size_per_gpu"] == cfg.training.micro_batch_size
+
+
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+def test_response_loss_equals_full_logits_loss_and_skips_prompt_positions(tiny_model, reduction):
+    """The LM head runs only where a response token is predicted; loss and gradients are unchanged."""
+    from cwac.data.prompts import collate_train, pad_id
+    from cwac.methods import response_loss, sequence_mean_ce
+
+    model, tok, fmt, cfg = tiny_model
+    batch = collate_train(_features(fmt, 4), pad_id(tok))
+    m_full, m_kept = copy.deepcopy(model), copy.deepcopy(model)
+    out = m_full(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    full = sequence_mean_ce(out.logits, batch["labels"], reduction)
+    rows: list[int] = []
+    head = m_kept.get_output_embeddings()
+    h = head.register_forward_hook(lambda mod, args, o: rows.append(args[0].shape[1]))
+    kept = response_loss(m_kept, batch, reduction)
+    h.remove()
+    n_targets = int((batch["labels"][:, 1:] != -100).any(0).sum())
+    assert rows == [n_targets] and n_targets < batch["input_ids"].shape[1]   # the head skipped the prompt positions
+    torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
+    full.backward()
+    kept.backward()
+    for (n, a), b in zip(m_full.named_parameters(), m_kept.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_training_fused_adamw_selects_the_optimizer_kernel(tiny_model, monkeypatch, fused):
+    model, tok, fmt, cfg = tiny_model
+    seen = []
+    real = torch.optim.AdamW
+
+    def spy(*a, **kw):
+        seen.append(kw.get("fused"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    tc = OmegaConf.merge(cfg.training, {"epochs": 1, "max_steps": 1, "micro_batch_size": 4, "fused_adamw": fused})
+    train(model, _features(fmt, 4), _method(cfg, tok, fmt), tc, tok, seed=0)
+    assert seen == [True if fused else None]
