@@ -5,6 +5,8 @@ one-off cost of the offline pieces (refusal filter, subspace, SAE, latents).
     python benchmarks/cwac_overhead.py --model smollm2_135m  # the organism (minutes; needs the
                                                              # aligned artifact under --artifacts)
     python benchmarks/cwac_overhead.py --threads 1 --steps 40 --repeats 2
+    python benchmarks/cwac_overhead.py --model smollm2_135m --configs sft,sft_before,sft_loop_adamw,sft_full_head \
+        --steps 12 --repeats 2 --out results/benchmarks/train_step   # the loop's speed-ups, A/B
 
 The paper reports ~44-46 min per epoch for CWAC vs ~42 min for SFT on Llama-2-7B (< 10%
 overhead) and ~18 min (SVD) + ~6.5 h (SAE) one-off (paper.md §5, §8). Every configuration
@@ -27,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +44,22 @@ CONFIGS = {
     "cwac_weight_only_update": ("cwac_weight_only", ["method.weight.mode=update"]),
     "cwac_act_only": ("cwac_act_only", []),
     "cwac_all_linear_update": ("cwac", ["method.weight.targets=all", "method.weight.mode=update"]),
+    # the training step before 2026-11-29 (A/B of the loop's own speed-ups, on SFT)
+    "sft_loop_adamw": ("sft", ["training.fused_adamw=false"]),
+    "sft_full_head": ("sft", []),
+    "sft_before": ("sft", ["training.fused_adamw=false"]),
 }
+
+
+def _full_head_loss(self, model, batch):
+    """The task loss with the LM head over every position, as before ``response_loss``."""
+    from cwac.methods import sequence_mean_ce
+
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return sequence_mean_ce(out.logits, batch["labels"], self.loss_reduction)
+
+
+TASK_LOSS = {"sft_full_head": _full_head_loss, "sft_before": _full_head_loss}  # name -> replaced task_loss
 BUDGET = {"tiny": "smoke", "smollm2_135m": "cpu"}
 
 
@@ -88,6 +106,8 @@ def time_config(name: str, method_name: str, extra: list[str], args, model_path:
     ctx = TrainContext(cfg=cfg, tokenizer=tok, formatter=fmt, store=bench_store, run_dir=Path(args.tmp),
                        stage="finetune", start_model_path=model_path)
     method = get_method(cfg.method.name)(cfg.method, ctx)
+    if name in TASK_LOSS:
+        method.task_loss = types.MethodType(TASK_LOSS[name], method)
     t = time.time()
     method.prepare(model)
     prepare_s = time.time() - t
