@@ -7,6 +7,8 @@ one-off cost of the offline pieces (refusal filter, subspace, SAE, latents).
     python benchmarks/cwac_overhead.py --threads 1 --steps 40 --repeats 2
     python benchmarks/cwac_overhead.py --model smollm2_135m --configs sft,sft_before,sft_loop_adamw,sft_full_head \
         --steps 12 --repeats 2 --out results/benchmarks/train_step   # the loop's speed-ups, A/B
+    python benchmarks/cwac_overhead.py --model smollm2_135m --configs sft,sft_bf16 --steps 12 --repeats 2 \
+        --out results/benchmarks/train_step_bf16                     # bf16 training on this CPU, A/B
 
 The paper reports ~44-46 min per epoch for CWAC vs ~42 min for SFT on Llama-2-7B (< 10%
 overhead) and ~18 min (SVD) + ~6.5 h (SAE) one-off (paper.md §5, §8). Every configuration
@@ -48,6 +50,8 @@ CONFIGS = {
     "sft_loop_adamw": ("sft", ["training.fused_adamw=false"]),
     "sft_full_head": ("sft", []),
     "sft_before": ("sft", ["training.fused_adamw=false"]),
+    # bf16 weights and activations, fp32 master weights in DeepSpeed's optimizer (a candidate lever)
+    "sft_bf16": ("sft", ["training.precision=bf16"]),
 }
 
 
