@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -145,7 +144,7 @@ def main() -> None:
     ap.add_argument("override", nargs="*", help="extra Hydra overrides for every configuration")
     args = ap.parse_args()
 
-    from cwac.utils import OFFLINE_ENV
+    from cwac.utils import OFFLINE_ENV, host_info
 
     for k, v in {**OFFLINE_ENV, "WANDB_MODE": "disabled"}.items():
         os.environ.setdefault(k, v)
@@ -183,7 +182,7 @@ def main() -> None:
               "steps_timed": args.steps, "warmup": args.warmup, "repeats": args.repeats,
               "micro_batch_size": compose([f"model={args.model}", f"budget={BUDGET[args.model]}", *args.override]).training.micro_batch_size,
               "configs": {}, "one_off": {}, "overrides": args.override,
-              "machine": {"cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "platform": platform.platform()},
+              "machine": {**host_info(), "loadavg_at_end": os.getloadavg()},
               "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv)}
     for n in names:
         med = statistics.median(times[n])

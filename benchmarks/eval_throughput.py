@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -65,6 +64,7 @@ def main() -> int:
     from cwac.data.harmful import prompt_set
     from cwac.data.prompts import PromptFormatter
     from cwac.models import load_model
+    from cwac.utils import host_info
     from eval.backends import HFBackend
     from eval.vllm_backend import VLLMBackend, probe
 
@@ -121,7 +121,7 @@ def main() -> int:
                  "version": info["vllm"], "omp_threads_bind": a.vllm_bind or "auto"},
         "speedup": round(med("vllm", "tokens_per_s") / med("hf", "tokens_per_s"), 2),
         "identical_answers": f"{same}/{len(examples)}",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {**host_info(), "torch": torch.__version__},
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }

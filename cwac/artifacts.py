@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from filelock import FileLock
 
-from cwac.utils import atomic_write_json, stable_hash
+from cwac.utils import atomic_write_json, host_info, stable_hash
 
 log = logging.getLogger(__name__)
 META = "artifact.json"
@@ -62,7 +62,7 @@ class ArtifactStore:
             try:
                 meta = build(tmp) or {}
                 atomic_write_json(tmp / META, {"kind": kind, "hash": final.name, "key": key,
-                                               "build_seconds": round(time.time() - t0, 2),
+                                               "build_seconds": round(time.time() - t0, 2), "host": host_info(),
                                                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "meta": meta})
                 os.replace(tmp, final)
             except BaseException:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from cwac.artifacts import ArtifactStore
 from cwac.records import (config_hash, git_info, is_complete, now, package_versions, read_record, resolved,
                           write_record)
-from cwac.utils import OFFLINE_ENV, atomic_write_json, seed_everything
+from cwac.utils import OFFLINE_ENV, atomic_write_json, host_info, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def run_cell(cfg: DictConfig) -> dict:
     index = Path(cfg.paths.runs) / "index.jsonl"
     base = {"run_dir": str(run_dir), "cell": cell_name(cfg), "config_hash": chash, "config": resolved(cfg),
             "seed": cfg.seed, "stage": cfg.stage, "git": git_info(), "packages": package_versions(),
-            "started": now()}
+            "host": host_info(), "started": now()}
     if main:
         atomic_write_json(run_dir / "started.json", base)
     logger = RunLogger(cfg.logger, run_dir, base["config"], cell_name(cfg), cfg.get("sweep_name"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import random
 import tempfile
 from pathlib import Path
@@ -84,3 +85,35 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def normalize_prompt(text: str) -> str:
     """Whitespace- and case-normalised text, used to test prompt-set disjointness."""
     return " ".join(text.lower().split())
+
+
+# CPU features that move a step's time by up to 2x on the 2-core hosts (AVX-512 and its bf16/VNNI
+# forms, AMX); a timing is only comparable between records that list the same ones.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpuinfo(text: str) -> tuple[str | None, set[str]]:
+    """(CPU model name, flag set) from the text of Linux's /proc/cpuinfo (first processor)."""
+    cpu, flags = None, set()
+    for line in text.splitlines():
+        key, _, val = (part.strip() for part in line.partition(":"))
+        if key == "model name" and cpu is None:
+            cpu = val
+        elif key in ("flags", "Features") and not flags:
+            flags = set(val.split())
+    return cpu, flags
+
+
+def host_info() -> dict:
+    """What ran this: CPU model, cores, the ISA flags above, torch threads and the GPU, if any.
+
+    Stored in every run record, artifact meta and benchmark JSON beside their timings, since the
+    same code ran markedly slower on an AVX2-only host than on the AVX-512 one of environment.md."""
+    try:
+        cpu, flags = cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:  # not Linux
+        cpu, flags = None, set()
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "isa": [f for f in ISA_FLAGS if f in flags], "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

@@ -19,6 +19,7 @@ def test_built_once_reused_and_rebuilt_on_key_change(tmp_path):
     p3 = store.get_or_build("k", {"a": 2}, build)
     assert p1 == p2 != p3 and len(calls) == 2
     assert (p1 / "x.txt").read_text() == "hi" and ArtifactStore.meta(p1)["meta"] == {"n": 1}
+    assert ArtifactStore.meta(p1)["host"]["cpus"] >= 1  # build_seconds says on what it was measured
 
 
 def test_failed_build_leaves_nothing_usable(tmp_path):

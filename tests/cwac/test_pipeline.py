@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -15,8 +16,9 @@ def test_sft_cell_writes_a_complete_self_describing_record(tiny_cfg):
     run_dir = run_dir_for(cfg)
     on_disk = json.loads((run_dir / "record.json").read_text())
     assert on_disk["status"] == "complete" and on_disk["config_hash"] == rec["config_hash"]
-    for key in ("config", "git", "packages", "seed", "timings", "metrics", "started", "finished"):
+    for key in ("config", "git", "packages", "host", "seed", "timings", "metrics", "started", "finished"):
         assert key in on_disk
+    assert on_disk["host"]["cpus"] == os.cpu_count() and on_disk["host"]["torch_threads"] >= 1
     m = on_disk["metrics"]
     assert 0 <= m["hs"] <= 100 and 0 <= m["fa"] <= 100 and 0 <= m["over_refusal"] <= 100
     assert m["judge"]["name"] == "keyword" and m["backend"] == "hf"

@@ -1,0 +1,26 @@
+"""Host description stored beside every timing."""
+
+from __future__ import annotations
+
+from cwac.utils import ISA_FLAGS, cpuinfo, host_info
+
+CPUINFO = """processor\t: 0
+model name\t: AMD EPYC 9654
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16 avx512_vnni
+processor\t: 1
+model name\t: AMD EPYC 9654
+flags\t\t: fpu sse2 avx avx2
+"""
+
+
+def test_cpuinfo_reads_the_first_processors_model_and_flags():
+    cpu, flags = cpuinfo(CPUINFO)
+    assert cpu == "AMD EPYC 9654"
+    assert {"avx2", "avx512f", "avx512_bf16", "avx512_vnni"} <= flags and "avx512" not in flags
+
+
+def test_host_info_lists_only_known_isa_flags_in_a_fixed_order():
+    h = host_info()
+    assert h["cpus"] >= 1 and h["torch_threads"] >= 1 and h["cpu"]
+    assert h["isa"] == [f for f in ISA_FLAGS if f in h["isa"]]
+    assert h["gpu"] is None  # the tests run on CPU
