@@ -10,6 +10,7 @@ fine-tuning records, and writes
 * ``results/tables/{main,ablation,ratio-<model>-<task>}[-s<setting>].{md,tex}``,
 * ``results/plots/{hs_vs_p,fa_vs_hs}-<model>-<task>*.png`` and
   ``results/plots/curves-<model>-<task>-p<p>*.png``,
+* ``results/tables/timings.md``: every cell's seconds per phase and the host it ran on,
 * ``results/index.md``: every table, links to the plots, what is missing (failed and
   unfinished cells), the command and the date.
 
@@ -31,7 +32,8 @@ from pathlib import Path
 
 from results import plots
 from results.collect import Coverage, Result, flatten, load_results, setting_diff
-from results.tables import ABLATION, ABLATION_ONLY, Table, pretty, ratio_table, task_table, to_latex, to_markdown
+from results.tables import (ABLATION, ABLATION_ONLY, Table, pretty, ratio_table, task_table, timings_markdown, to_latex,
+                            to_markdown)
 
 
 def slug(s: str) -> str:
@@ -121,13 +123,16 @@ def build(roots: list[Path], out: Path, main_p: float = 0.1, decimals: int = 1, 
     for t in tables:
         (tdir / f"{t.name}.md").write_text(to_markdown(t, decimals))
         (tdir / f"{t.name}.tex").write_text(to_latex(t, decimals))
-    (out / "index.md").write_text(index_md(tables, plot_files, cov, results, out, decimals, command))
-    return {"tables": [t.name for t in tables], "plots": [p.name for p in plot_files], "coverage": cov,
-            "n_results": len(results)}
+    timings = timings_markdown(results)
+    if timings:
+        (tdir / "timings.md").write_text(timings)
+    (out / "index.md").write_text(index_md(tables, plot_files, cov, results, out, decimals, command, timings))
+    return {"tables": [t.name for t in tables] + (["timings"] if timings else []),
+            "plots": [p.name for p in plot_files], "coverage": cov, "n_results": len(results)}
 
 
 def index_md(tables: list[Table], plot_files: list[Path], cov: Coverage, results: list[Result], out: Path,
-             decimals: int, command: str | None) -> str:
+             decimals: int, command: str | None, timings: str | None = None) -> str:
     commits = Counter(f"{(r.git.get('commit') or 'unknown')[:10]}{'+dirty' if r.git.get('dirty') else ''}"
                       for r in results)
     finished = sorted(r.finished for r in results if r.finished)
@@ -143,6 +148,8 @@ def index_md(tables: list[Table], plot_files: list[Path], cov: Coverage, results
     for t in tables:
         lines += [to_markdown(t, decimals), f"Files: [tables/{t.name}.md](tables/{t.name}.md), "
                   f"[tables/{t.name}.tex](tables/{t.name}.tex)", ""]
+    if timings:
+        lines += [timings, "File: [tables/timings.md](tables/timings.md)", ""]
     if plot_files:
         lines += ["## Plots", ""] + [f"- [{p.name}]({p.relative_to(out)})" for p in plot_files] + [""]
     lines += ["## Coverage", "",

@@ -51,6 +51,8 @@ class Result:
     finished: str
     config: dict = field(repr=False)
     git: dict = field(default_factory=dict, repr=False)
+    timings: dict = field(default_factory=dict, repr=False)   # record["timings"]: seconds per phase
+    host: dict = field(default_factory=dict, repr=False)      # record["host"]: CPU, ISA flags, threads, GPU
 
 
 @dataclass
@@ -228,7 +230,8 @@ def load_results(roots: list[str | Path], ignore: tuple[str, ...] = ()) -> tuple
                      method=method_label(cfg, me, al), seed=int(rec.get("seed", cfg.get("seed", 0))),
                      setting=stable_hash(setting_of(cfg, ignore), 6), hs=metrics.get("hs"), fa=metrics.get("fa"),
                      over_refusal=metrics.get("over_refusal"), run_dir=rec["_run_dir"],
-                     finished=str(rec.get("finished", "")), config=cfg, git=rec.get("git") or {})
+                     finished=str(rec.get("finished", "")), config=cfg, git=rec.get("git") or {},
+                     timings=rec.get("timings") or {}, host=rec.get("host") or {})
         key = (res.setting, res.model, res.task, res.p, res.method, res.seed)
         old = results.get(key)
         if old is not None:  # same cell twice (e.g. two runs folders): keep the newest, report the other

@@ -200,6 +200,39 @@ def ratio_table(results: list[Result], model: str, task: str, name: str, caption
     return table
 
 
+def timings_markdown(results: list[Result]) -> str | None:
+    """Each cell's time from its record (``timings``), with the host it ran on (``record["host"]``):
+    a time says little without the CPU, since the same step ran markedly slower on an AVX2-only host."""
+    rows = [r for r in results if r.timings.get("total_seconds") is not None]
+    if not rows:
+        return None
+
+    def sec(r: Result, k: str) -> str:
+        v = r.timings.get(k)
+        return "–" if v is None else f"{v:.1f}"
+
+    def host(r: Result) -> str:
+        if not r.host:
+            return "not recorded"
+        isa = ", ".join(r.host.get("isa") or []) or "none of AVX2/AVX-512/AMX"
+        gpu = f"; {r.host['gpu']}" if r.host.get("gpu") else ""
+        return f"{r.host.get('cpu')} ({isa}; {r.host.get('torch_threads')} threads){gpu}"
+
+    lines = ["### Cell times", "",
+             "| Model | Task | p | Method | Seed | total s | train s (s/step) | eval s | prepare s | host | finished |",
+             "|:--|:--|--:|:--|--:|--:|--:|--:|--:|:--|:--|"]
+    for r in sorted(rows, key=lambda r: r.finished):
+        train = sec(r, "train_seconds")
+        if r.timings.get("seconds_per_step") is not None:
+            train += f" ({r.timings['seconds_per_step']:.2f})"
+        lines.append(f"| {pretty('model', r.model)} | {pretty('task', r.task)} | {r.p:g} | {pretty('method', r.method)} "
+                     f"| {r.seed} | {sec(r, 'total_seconds')} | {train} | {sec(r, 'eval_seconds')} "
+                     f"| {sec(r, 'prepare_seconds')} | {host(r)} | {r.finished} |")
+    lines += ["", "From each record's `timings` (total = the whole cell, start model and evaluation included) and "
+              "`host`; prepare = the method's one-off work (CWAC's subspace, SAE and latents when first built).", ""]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- rendering
 
 

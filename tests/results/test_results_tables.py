@@ -37,7 +37,8 @@ def _config(model: str, task: str, p: float, method: str, seed: int, **extra) ->
 
 
 def write_run(root: Path, model="smollm2_135m", task="sst2", p=0.1, method="sft", seed=42, hs=50.0, fa=90.0,
-              status="complete", finished="2026-01-01T00:00:00", log=None, record=True, **extra) -> Path:
+              status="complete", finished="2026-01-01T00:00:00", log=None, record=True, timings=None, host=None,
+              **extra) -> Path:
     """A run folder as run_cell leaves it: started.json, record.json (unless killed), train_log."""
     cfg = _config(model, task, p, method, seed, **extra)
     run_dir = root / f"{model}-{task}-p{p:g}-{method}-s{seed}-{abs(hash(json.dumps(cfg, sort_keys=True))) % 10**8:08d}"
@@ -49,6 +50,7 @@ def write_run(root: Path, model="smollm2_135m", task="sst2", p=0.1, method="sft"
         rec = {**base, "status": status, "finished": finished}
         if status == "complete":
             rec["metrics"] = {"hs": hs, "fa": fa, "over_refusal": 1.0}
+            rec.update({k: v for k, v in (("timings", timings), ("host", host)) if v is not None})
         else:
             rec["error"] = "RuntimeError: boom"
         (run_dir / "record.json").write_text(json.dumps(rec))
@@ -184,6 +186,23 @@ def test_build_writes_every_table_plot_and_index(tmp_path):
     assert "unfinished cells (killed or still running; rerun by relaunching): 1" in index
     assert "complete records of other stages (align): 1" in index and "### Component ablation" in index
     assert all((out / "tables" / f"{n}.tex").exists() for n in names)
+
+
+def test_timings_table_has_each_cells_phases_and_host_in_finishing_order(tmp_path):
+    root = tmp_path / "runs"
+    host = {"cpu": "AMD EPYC", "cpus": 2, "isa": ["avx2"], "torch_threads": 2, "gpu": None}
+    write_run(root, p=0.2, finished="2026-01-01T02:00:00", host=host,
+              timings={"total_seconds": 669.4, "train_seconds": 491.7, "seconds_per_step": 4.917, "eval_seconds": 167.2})
+    write_run(root, p=0.1, method="cwac", finished="2026-01-01T01:00:00",
+              timings={"total_seconds": 889.0, "prepare_seconds": 202.9})
+    write_run(root, p=0.5)                                                                 # no timings: no row
+    res = build([root], tmp_path / "results", make_plots=False)
+    assert "timings" in res["tables"]
+    rows = [ln for ln in (tmp_path / "results" / "tables" / "timings.md").read_text().splitlines() if ln.startswith("| SmolLM2")]
+    assert len(rows) == 2
+    assert "| 0.1 | CWAC | 42 | 889.0 | – | – | 202.9 | not recorded |" in rows[0]
+    assert "| 0.2 | SFT | 42 | 669.4 | 491.7 (4.92) | 167.2 | – | AMD EPYC (avx2; 2 threads) |" in rows[1]
+    assert "### Cell times" in (tmp_path / "results" / "index.md").read_text()
 
 
 def test_ratio_plot_draws_multi_ratio_methods_in_distinct_styles(tmp_path):
