@@ -108,7 +108,8 @@ def host_info() -> dict:
     """What ran this: CPU model, cores, the ISA flags above, torch threads and the GPU, if any.
 
     Stored in every run record, artifact meta and benchmark JSON beside their timings, since the
-    same code ran markedly slower on an AVX2-only host than on the AVX-512 one of environment.md."""
+    same code trained 1.8-1.9x slower per token on an AVX2-only host than on the AVX-512 one of
+    environment.md (README, "The CPU organism")."""
     try:
         cpu, flags = cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:  # not Linux
