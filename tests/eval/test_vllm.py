@@ -29,6 +29,7 @@ from eval.vllm_backend import (
     choose_backend,
     probe,
     unsupported_reason,
+    worker_env,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,6 +71,54 @@ def test_unsupported_reasons_name_the_limit():
     assert unsupported_reason(m, FAKE_INFO) is None
     m.model.layers[0].register_forward_hook(lambda *a: None)   # an inference-time edit: not servable
     assert "forward hooks" in unsupported_reason(m, FAKE_INFO)
+
+
+def test_cpu_worker_runs_one_in_process_engine_on_the_cells_threads(monkeypatch):
+    """On a CPU the worker gets an in-process engine on the cell's torch threads (vLLM's own
+    default generates on one core of two); the caller's environment and eval.vllm.env win."""
+    for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(k, raising=False)
+    env = worker_env(device="cpu", threads=2)
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and env["OMP_NUM_THREADS"] == "2"
+    assert worker_env(device="cpu")["OMP_NUM_THREADS"] == str(torch.get_num_threads())
+    gpu = worker_env(device="cuda", threads=2)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in gpu and "OMP_NUM_THREADS" not in gpu
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")                      # the caller's choice is kept
+    assert worker_env(device="cpu", threads=2)["OMP_NUM_THREADS"] == "1"
+    env = worker_env({"VLLM_ENABLE_V1_MULTIPROCESSING": "", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}, device="cpu",
+                     threads=2)                                      # eval.vllm.env: "" unsets
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env and env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+
+
+def test_probe_is_kept_between_processes_until_the_environment_changes(tmp_path, monkeypatch):
+    """A fake venv python that answers the probe and counts its calls: the second process (the
+    in-process cache cleared) reads the kept probe; an install into site-packages probes again."""
+    from eval.vllm_backend import _probe_python, probe_cache_path
+
+    site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    (tmp_path / "venv" / "bin").mkdir()
+    calls = tmp_path / "calls"
+    python = tmp_path / "venv" / "bin" / "python"
+    python.write_text(f"#!/bin/sh\necho x >> {calls}\n"
+                      f"echo '{json.dumps({'ok': True, **FAKE_INFO, 'python': str(python)})}'\n")
+    python.chmod(0o755)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def probe_fresh():
+        _probe_python.cache_clear()   # a new process
+        return _probe_python(str(python))
+
+    try:
+        info, why = probe_fresh()
+        assert why == "ok" and info["archs"] == FAKE_INFO["archs"]
+        assert probe_cache_path(str(python)).is_file()
+        assert probe_fresh()[0] == info and calls.read_text().count("x") == 1
+        (site / "vllm-9.9.dist-info").mkdir()   # an install changes site-packages
+        assert probe_fresh()[0] == info and calls.read_text().count("x") == 2
+        assert probe_cache_path(str(tmp_path / "nowhere" / "python")) is None
+    finally:
+        _probe_python.cache_clear()
 
 
 def test_lora_is_served_only_when_vllm_can_load_it(tmp_path):
@@ -136,6 +185,10 @@ def test_vllm_cell_matches_hf_cell_on_tiny(vllm_info, tiny_cfg):
     vl = run_cell(tiny_cfg(*over, "eval.backend=vllm"))
     assert hf["metrics"]["backend"] == "hf" and vl["metrics"]["backend"] == "vllm"
     assert vl["metrics"]["backend_info"]["vllm"] == vllm_info["vllm"]
+    if vllm_info["device"] == "cpu":   # the worker really ran the engine in process on the cell's threads
+        bi = vl["metrics"]["backend_info"]
+        assert bi["engine_in_process"] is True and bi["torch_threads"] == torch.get_num_threads()
+        assert bi["worker_env"]["OMP_NUM_THREADS"] == str(torch.get_num_threads())
     assert not (Path(vl["run_dir"]) / "model").exists(), "the weights saved for vLLM must be removed"
     assert (Path(vl["run_dir"]) / "vllm_worker.log").exists()
     rows_hf, rows_vl = _rows(hf["run_dir"]), _rows(vl["run_dir"])
