@@ -133,8 +133,11 @@ def cpu_worker_defaults(threads: int) -> dict:
     host generates on one core. One in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
     which also selects the uni-process executor) with ``OMP_NUM_THREADS`` = the cell's torch
     threads generates on every core the cell was given. On the aligned organism, 100 HS prompts
-    x 48 tokens: 67 -> 110 tokens/s and a 64 -> 24 s start, with the same greedy answers
-    (``results/benchmarks/eval_vllm_cores.json``, the command in it).
+    x 48 tokens on a 2-core AVX2 host: 79.3 -> 119.0 tokens/s and a 47.2 -> 25.2 s start, with
+    the same greedy answers (``results/benchmarks/eval_vllm_cores.json``, the command in it).
+    (An earlier note here saw ~10x slower in-process decoding on a heavily loaded box; on an idle
+    one it did not reproduce: in process was faster for the organism and the tiny model, whose
+    run is in the same session's notes: 2716 -> 4078 tokens/s.)
     """
     return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(max(1, int(threads)))}
 
