@@ -136,8 +136,8 @@ def cpu_worker_defaults(threads: int) -> dict:
     x 48 tokens on a 2-core AVX2 host: 79.3 -> 119.0 tokens/s and a 47.2 -> 25.2 s start, with
     the same greedy answers (``results/benchmarks/eval_vllm_cores.json``, the command in it).
     (An earlier note here saw ~10x slower in-process decoding on a heavily loaded box; on an idle
-    one it did not reproduce: in process was faster for the organism and the tiny model, whose
-    run is in the same session's notes: 2716 -> 4078 tokens/s.)
+    one it did not reproduce: in process was faster for the organism and for the tiny model,
+    2716 -> 4078 tokens/s; README, "Faster evaluation with vLLM".)
     """
     return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(max(1, int(threads)))}
 
