@@ -14,8 +14,8 @@ counted the same way for both (new token ids up to and including EOS,
 start is reported apart and in an end-to-end figure.
 Each ``--vllm-env`` is one vLLM backend: ``default`` (the project's worker environment,
 ``eval.vllm_backend.worker_env``) or space-separated ``KEY=VALUE`` pairs laid over it (``KEY=``
-removes KEY, so vLLM's own default applies). Backends are interleaved ``--repeats`` times so that load from other processes hits both alike
-(the load average is recorded). Writes ``results/benchmarks/eval_throughput_<model>.json``.
+removes KEY, so vLLM's own default applies). Backends are interleaved ``--repeats`` times so
+that load from other processes hits them alike (the load average is recorded). Writes ``results/benchmarks/eval_throughput_<model>.json``.
 """
 
 from __future__ import annotations
