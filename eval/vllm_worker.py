@@ -102,10 +102,11 @@ def serve(spec_path: str) -> int:
 
         import torch
 
-        # torch threads of this process: the model's on a CPU with the engine in process
+        # Read from the engine, not the environment: its core client is InprocClient when the engine
+        # runs in this process, and then this process's torch threads are the model's.
+        client = type(getattr(getattr(llm, "llm_engine", None), "engine_core", None)).__name__
         _send(proto, {"ready": True, "init_seconds": round(time.time() - t0, 2), "vllm": vllm.__version__,
-                      "torch_threads": torch.get_num_threads(),
-                      "engine_in_process": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"})
+                      "torch_threads": torch.get_num_threads(), "engine_in_process": client == "InprocClient"})
     except BaseException:
         _send(proto, {"ready": False, "error": traceback.format_exc()})
         return 1
