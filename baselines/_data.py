@@ -61,9 +61,9 @@ def alignment_pool(ctx) -> list[Example]:
     """The alignment recipe's rows (held-in harmful -> refusal + Alpaca -> answer), as an artifact."""
     from cwac.alignment import alignment_rows
 
-    acfg = ctx.cfg.alignment
+    acfg = ctx.alignment
     recipe = {k: OmegaConf.to_container(acfg, resolve=True)[k] for k in ("n_harmful", "n_harmless", "max_answer_chars", "seed")}
-    if acfg.get("extra_harmful_sets"):   # only when set, so recipes without it keep their key
+    if acfg.extra_harmful_sets:   # only when set, so recipes without it keep their key
         recipe["extra_harmful_sets"] = list(acfg.extra_harmful_sets)
 
     def build(out: Path) -> dict:

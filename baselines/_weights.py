@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from baselines._common import ALL_LINEAR, checkpoint_folder, read_tensors
+from baselines._common import checkpoint_folder, read_tensors
+from cwac.modeling import LINEAR_TARGETS
 
 log = logging.getLogger(__name__)
 FILE = "alignment_subspace.safetensors"
@@ -183,12 +184,12 @@ def alignment_subspace(ctx, targets: list[str], normalize: str = "fro") -> Align
         raise ValueError("this method needs the pre-alignment base model: set model.base_path (e.g. "
                          "meta-llama/Llama-2-7b-hf for Llama-2-7b-chat), or use model.align=true so that our "
                          "alignment stage provides the un-aligned start model")
-    unknown = sorted(set(targets) - set(ALL_LINEAR))
+    unknown = sorted(set(targets) - set(LINEAR_TARGETS))
     if unknown:
-        raise ValueError(f"unknown target modules {unknown}; valid: {list(ALL_LINEAR)}")
+        raise ValueError(f"unknown target modules {unknown}; valid: {list(LINEAR_TARGETS)}")
     if ctx.store is None:
         raise ValueError("alignment_subspace needs an ArtifactStore in the TrainContext")
-    hub_ok = not ctx.cfg.get("offline", True)
+    hub_ok = ctx.hub_ok
     key = {"base": str(ctx.base_model_path), "aligned": str(ctx.start_model_path), "targets": sorted(targets),
            "normalize": normalize, "version": 1}
     folder = ctx.store.get_or_build(

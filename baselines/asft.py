@@ -3,7 +3,7 @@
 
 Loss = task + lambda * sum_l ||(I - C_l) Delta W_l||_F^2, with ``C_l = V_l V_l^T / ||V_l||_F`` and
 ``V_l = W_aligned - W_base`` (``baselines._weights``). The penalty suppresses the part of each
-update that leaves the alignment direction (baselines.md, "AsFT").
+update that leaves the alignment direction (docs/baselines.md, "AsFT").
 
 Delta W:
   * LoRA: ``Delta W = B A``; the alpha/r scaling is left out like the reference
@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from baselines._common import base_weight, is_lora, linear_modules, lora_factors, resolve_targets
+from baselines._common import adapted_targets
+from cwac.modeling import base_weight, is_lora, linear_modules, lora_factors
 from baselines._weights import Projector, alignment_subspace
-from cwac.methods import METHODS, LossOutput, Method
+from cwac.api import LossOutput, Method
 
 
 class _QuadraticPenalty(torch.autograd.Function):
@@ -50,14 +51,13 @@ def residual_penalty(delta_w: torch.Tensor, proj: Projector) -> torch.Tensor:
     return _QuadraticPenalty.apply(delta_w.float(), proj)
 
 
-@METHODS.register("asft")
 class AsFT(Method):
     stages = ("finetune",)
 
     def prepare(self, model) -> None:
-        tc = self.ctx.cfg.training
+        tc = self.ctx.training
         self.lora = bool(tc.lora.enabled)
-        self.targets = resolve_targets(self.cfg.targets, tc)
+        self.targets = adapted_targets(self.cfg.targets, tc)
         self.lam = float(self.cfg.lam)
         self.subspace = alignment_subspace(self.ctx, self.targets, self.cfg.normalize)
         self.modules = linear_modules(model, self.targets)

@@ -7,7 +7,7 @@ The fine-tuning run alternates two states, starting in alignment (as the referen
     ``baselines._data.alignment_pool``);
   * fine-tune: ``finetune_steps`` steps on the user's batches.
 Both states add ``rho/2 * ||w - w_tilde||^2`` over the trainable parameters, where ``w_tilde`` is
-the snapshot taken at the *last state switch* (baselines.md: the reference README names the
+the snapshot taken at the *last state switch* (docs/baselines.md: the reference README names the
 anchors the other way round; the code does this). The proximal term is off for the first
 ``prox_off_fraction`` (10%) of the steps. One AdamW state is shared by both states.
 
@@ -26,16 +26,15 @@ import random
 
 import torch
 
-from baselines._common import unwrap
+from cwac.modeling import unwrap_engine
 from baselines._data import alignment_pool
 from cwac.data.examples import Example
 from cwac.data.prompts import collate_train, pad_id
-from cwac.methods import METHODS, LossOutput, Method
+from cwac.api import LossOutput, Method
 
 ALIGN, FINETUNE = 1, 0
 
 
-@METHODS.register("lisa")
 class Lisa(Method):
     stages = ("finetune",)
 
@@ -62,7 +61,7 @@ class Lisa(Method):
         if self.n_rows is None:
             raise RuntimeError("Lisa needs build_train_data to be called before training (it counts the rows)")
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        return plan_steps(self.n_rows, self.ctx.cfg.training, world)
+        return plan_steps(self.n_rows, self.ctx.training, world)
 
     def proximal_active(self, step: int) -> bool:
         return self.rho > 0 and step > float(self.cfg.prox_off_fraction) * self.total_steps()
@@ -72,7 +71,7 @@ class Lisa(Method):
         rows: list[Example] = alignment_pool(self.ctx)
         if not rows:
             raise ValueError("Lisa's alignment pool is empty; check the alignment recipe (conf/alignment)")
-        fmt, tc = self.ctx.formatter, self.ctx.cfg.training
+        fmt, tc = self.ctx.formatter, self.ctx.training
         self.pool = [fmt.train_features(e, tc.max_len) for e in rows]
         self.order = list(range(len(self.pool)))
         random.Random(int(self.cfg.seed)).shuffle(self.order)
@@ -94,7 +93,7 @@ class Lisa(Method):
         return collate_train([self.pool[i] for i in ids], self.pad)
 
     def _trainable(self, model) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
+        return {n: p for n, p in unwrap_engine(model).named_parameters() if p.requires_grad}
 
     def _snapshot(self, model) -> None:
         self.anchor = {n: p.detach().clone() for n, p in self._trainable(model).items()}

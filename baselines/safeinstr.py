@@ -1,7 +1,7 @@
 """SafeInstr: Safety-Tuned LLaMAs (Bianchi et al., arXiv 2309.07875; ``vinid/safety-tuned-llamas``).
 
 Appends N (harmful instruction -> refusal) rows to the user's fine-tuning data, then trains with
-plain SFT (baselines.md, "SafeInstr"). The rows come from ``baselines._data.safety_rows``:
+plain SFT (docs/baselines.md, "SafeInstr"). The rows come from ``baselines._data.safety_rows``:
 held-in harmful prompts (disjoint from every HS evaluation set, asserted) with refusals from the
 alignment stage's bank. The reference's refusals were written by a model; ours are composed.
 
@@ -17,15 +17,14 @@ import random
 
 from baselines._data import safety_rows
 from cwac.data.examples import Example
-from cwac.methods import METHODS, Method
+from cwac.api import Method
 
 
-@METHODS.register("safeinstr")
 class SafeInstr(Method):
     stages = ("finetune",)
 
     def n_safety(self, n_rows: int) -> int:
-        if self.cfg.get("count") is not None:
+        if self.cfg.count is not None:
             n = int(self.cfg.count)
         else:
             f = float(self.cfg.fraction)
@@ -40,10 +39,10 @@ class SafeInstr(Method):
         n = self.n_safety(len(rows))
         self.added = safety_rows(self.ctx, n, int(self.cfg.seed)) if n else []
         out = list(rows) + self.added
-        random.Random(int(self.ctx.cfg.seed)).shuffle(out)
+        random.Random(int(self.ctx.seed)).shuffle(out)
         return out
 
     def record_info(self) -> dict:
-        return {"n_safety_rows": len(getattr(self, "added", [])), "fraction": self.cfg.get("fraction"),
-                "count": self.cfg.get("count"), "prompt_pool": "held_in_harmful_prompts",
+        return {"n_safety_rows": len(getattr(self, "added", [])), "fraction": self.cfg.fraction,
+                "count": self.cfg.count, "prompt_pool": "held_in_harmful_prompts",
                 "refusals": "cwac.alignment.refusal_text"}

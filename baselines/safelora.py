@@ -8,7 +8,7 @@ alignment direction are projected:
   * ``select: number``  -> the ``k`` lowest cosines (the reference default, k = 10);
   * ``select: threshold`` -> every matrix with ``cos <= tau`` (tau = 0.5 in the paper).
 
-LoRA: ``B <- C B`` (so Delta W = B A becomes C B A). Full fine-tuning (our port, baselines.md):
+LoRA: ``B <- C B`` (so Delta W = B A becomes C B A). Full fine-tuning (our port, docs/baselines.md):
 ``W <- W_aligned + C (W - W_aligned)``, with W_aligned read back from the start checkpoint.
 
 Unlike the reference, all cosines are computed once from the original fine-tuned weights and the
@@ -24,9 +24,10 @@ import logging
 
 import torch
 
-from baselines._common import base_weight, is_lora, linear_modules, lora_factors, read_tensors, resolve_targets
+from baselines._common import adapted_targets, read_tensors
+from cwac.modeling import base_weight, is_lora, linear_modules, lora_factors
 from baselines._weights import alignment_subspace
-from cwac.methods import METHODS, Method
+from cwac.api import Method
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +52,18 @@ def select_layers(cosines: dict[str, float], mode: str, k: int, tau: float) -> l
     raise ValueError(f"method.select must be 'number' or 'threshold', got {mode!r}")
 
 
-@METHODS.register("safelora")
 class SafeLoRA(Method):
     stages = ("finetune",)
 
     def prepare(self, model) -> None:
-        tc = self.ctx.cfg.training
+        tc = self.ctx.training
         self.lora = bool(tc.lora.enabled)
-        self.targets = resolve_targets(self.cfg.targets, tc)
+        self.targets = adapted_targets(self.cfg.targets, tc)
         self.subspace = alignment_subspace(self.ctx, self.targets, self.cfg.normalize)
         self.info: dict = {}
 
     def _aligned_weights(self, names: list[str]) -> dict[str, torch.Tensor]:
-        hub_ok = not self.ctx.cfg.get("offline", True)
+        hub_ok = self.ctx.hub_ok
         ws = read_tensors(str(self.ctx.start_model_path), [f"{n}.weight" for n in names], hub_ok)
         return {n: ws[f"{n}.weight"] for n in names}
 

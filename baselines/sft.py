@@ -1,12 +1,11 @@
 """SFT: plain supervised fine-tuning on the (possibly poisoned) mix, no defence.
 
 Cross-entropy on response tokens only (prompt labels = -100), EOS appended to the target
-(baselines.md, "SFT"). All behaviour is the ``Method`` base class's.
+(docs/baselines.md, "SFT"). All behaviour is the ``Method`` base class's.
 """
 
-from cwac.methods import METHODS, Method
+from cwac.api import Method
 
 
-@METHODS.register("sft")
 class SFT(Method):
     """The undefended reference."""

@@ -21,7 +21,7 @@ rise, capped at ``max_width_fraction`` of the depth (the paper's bands span 15-2
 layers). Run it on any configured model (it loads the start model, i.e. builds the aligned
 artifact first if needed):
 
-    python -m baselines.sppft model=smollm2_135m            # prints the curves and the band
+    python -m cwac.experiment.locate_sppft model=smollm2_135m   # prints the curves and the band
 """
 
 from __future__ import annotations
@@ -30,16 +30,15 @@ import json
 import logging
 import math
 import random
-import sys
 from pathlib import Path
 
 import torch
 
-from baselines._common import decoder_layers
+from cwac.modeling import decoder_layers
 from cwac.data.examples import Example
 from cwac.data.harmful import assert_disjoint, held_in_harmful_prompts, prompt_set
 from cwac.data.prompts import collate_prompts, pad_id
-from cwac.methods import METHODS, Method
+from cwac.api import Method
 
 log = logging.getLogger(__name__)
 
@@ -152,19 +151,18 @@ def relative_band(a: float, b: float, n_layers: int) -> tuple[int, int]:
     return first, min(last, n_layers - 1)
 
 
-@METHODS.register("sppft")
 class SPPFT(Method):
     stages = ("finetune",)
 
     def resolve_band(self, model) -> tuple[tuple[int, int], str]:
         n_layers = len(decoder_layers(model))
-        name = self.ctx.cfg.model.name
-        bands = self.cfg.get("bands") or {}
-        if self.cfg.get("band") is not None:
+        name = self.ctx.model_name
+        bands = self.cfg.bands or {}
+        if self.cfg.band is not None:
             band, source = tuple(self.cfg.band), "method.band"
         elif name in bands:
             band, source = tuple(bands[name].layers), f"method.bands.{name} ({bands[name].source})"
-        elif self.cfg.get("locate_if_missing"):
+        elif self.cfg.locate_if_missing:
             res = located_band(self.ctx.store, self.ctx.start_model_path, model, self.ctx.formatter, self.cfg.locate)
             if res["band"] is None:
                 raise ValueError("the safety-layer locator found no layer that opens the normal/malicious gap; "
@@ -193,28 +191,3 @@ class SPPFT(Method):
 
     def record_info(self) -> dict:
         return getattr(self, "info", {})
-
-
-def main(argv: list[str]) -> dict:
-    """Locate the safety layers of a configured model: ``python -m baselines.sppft [hydra overrides]``."""
-    from cwac.artifacts import ArtifactStore
-    from cwac.data.prompts import PromptFormatter
-    from cwac.models import load_model
-    from cwac.pipeline import setup_env, start_model
-
-    from cwac.utils import compose_config
-
-    cfg = compose_config("method=sppft", *argv)
-    setup_env(cfg)
-    store = ArtifactStore(cfg.paths.artifacts)
-    path, _ = start_model(cfg, store)
-    model, tok = load_model(path, cfg.model.dtype, hub_ok=not cfg.offline)
-    fmt = PromptFormatter(tok, cfg.model.prompt_format, cfg.model.get("system_prompt"))
-    res = located_band(store, path, model, fmt, cfg.method.locate)
-    print(json.dumps({"model": cfg.model.name, "start_model": path, **res}, indent=1))
-    return res
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    main(sys.argv[1:])

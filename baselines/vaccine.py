@@ -26,11 +26,10 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from baselines._common import decoder_layers, unwrap
-from cwac.methods import METHODS, LossOutput, Method
+from cwac.modeling import decoder_layers, unwrap_engine
+from cwac.api import LossOutput, Method
 
 
-@METHODS.register("vaccine")
 class Vaccine(Method):
     stages = ("align", "finetune")
 
@@ -40,8 +39,7 @@ class Vaccine(Method):
         if cfg.norm not in ("batch", "example"):
             raise ValueError(f"method.norm must be 'batch' or 'example', got {cfg.norm!r}")
         if ctx.stage == "finetune":
-            acfg = ctx.cfg.alignment.method
-            if not ctx.cfg.model.align or acfg.name != "vaccine":
+            if not ctx.aligned_by_us or ctx.alignment.method.name != "vaccine":
                 raise ValueError("Vaccine acts in the alignment stage; fine-tuning is plain SFT on a Vaccine-aligned "
                                  "model. Run `python run.py method=vaccine method@alignment.method=vaccine` with "
                                  "model.align=true (our alignment stage).")
@@ -71,7 +69,7 @@ class Vaccine(Method):
         try:  # pass 1: gradients w.r.t. the attention outputs only. Run on the bare module: the
             # engine's forward arms DeepSpeed's backward hooks, which refuse a direct autograd call
             # (ZeRO-3 would need its parameters gathered here; stages 0-2 are supported).
-            loss1 = self.task_loss(unwrap(model), batch)
+            loss1 = self.task_loss(unwrap_engine(model), batch)
         finally:
             for h in handles:
                 h.remove()
@@ -100,6 +98,6 @@ class Vaccine(Method):
 
     def record_info(self) -> dict:
         if self.ctx.stage == "finetune":  # what acted is the alignment stage's node, not this one
-            node = OmegaConf.to_container(self.ctx.cfg.alignment.method, resolve=True)
+            node = OmegaConf.to_container(self.ctx.alignment.method, resolve=True)
             return {"stage": "finetune", "note": "fine-tuning is plain SFT", "alignment_method": node}
         return {"stage": "align", "rho": self.rho, "norm": self.cfg.norm, "note": "two passes per micro-batch"}

@@ -11,7 +11,7 @@ one-off cost of the offline pieces (refusal filter, subspace, SAE, latents).
         --out results/benchmarks/train_step_bf16                     # bf16 training on this CPU, A/B
 
 The paper reports ~44-46 min per epoch for CWAC vs ~42 min for SFT on Llama-2-7B (< 10%
-overhead) and ~18 min (SVD) + ~6.5 h (SAE) one-off (paper.md §5, §8). Every configuration
+overhead) and ~18 min (SVD) + ~6.5 h (SAE) one-off (docs/method.md §5, §8). Every configuration
 trains the same rows from a fresh copy of the start model through the project's DeepSpeed loop
 (``cwac.trainer.train``); a step's time is the wall time between the ends of consecutive
 optimizer steps (forward, backward, step and the method's ``after_step``), warm-up steps
@@ -56,7 +56,7 @@ CONFIGS = {
 
 def _full_head_loss(self, model, batch):
     """The task loss with the LM head over every position, as before ``response_loss``."""
-    from cwac.methods import sequence_mean_ce
+    from cwac.losses import sequence_mean_ce
 
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return sequence_mean_ce(out.logits, batch["labels"], self.loss_reduction)
@@ -72,48 +72,27 @@ def compose(overrides: list[str]):
     return compose_config(*overrides)
 
 
-def start_path(cfg, store) -> str:
-    from cwac.alignment import alignment_key
-    from cwac.models import resolve_model_path
-    from omegaconf import OmegaConf
-
-    path = resolve_model_path(cfg.model, store)
-    if not cfg.model.align:
-        return path
-    m = OmegaConf.to_container(cfg.model, resolve=True)
-    key = alignment_key(cfg, {k: m.get(k) for k in ("source", "tiny", "gguf", "path")})
-    if not store.exists("aligned", key):
-        raise SystemExit(f"the aligned model for {cfg.model.name} is not in {store.root}; build it first with "
-                         "`python run.py stage=align` (this benchmark never trains the alignment stage)")
-    return str(store.path_for("aligned", key))
-
-
-def time_config(name: str, method_name: str, extra: list[str], args, model_path: str, bench_store, feats_cache: dict):
+def time_config(name: str, method_name: str, extra: list[str], args, model_path: str, bench_store, rows_cache: dict):
     """Per-step seconds of one configuration (after warm-up) and, for CWAC, its prepare info."""
     import torch
+    from cwac.api import TrainContext
     from cwac.data.mix import build_finetune_mix
-    from cwac.data.prompts import PromptFormatter
-    from cwac.methods import TrainContext, get_method
-    from cwac.models import load_model
-    from cwac.trainer import train
+    from cwac.experiment.plugins import get_method
+    from cwac.models import load_chat_model
+    from cwac.trainer import fit
 
     steps = args.warmup + args.steps
     cfg = compose([f"model={args.model}", f"budget={BUDGET[args.model]}", "logger=none", f"method={method_name}",
                    f"training.max_steps={steps}", "training.epochs=100", "training.progress=false",
                    *args.override, *extra])
-    model, tok = load_model(model_path, cfg.model.dtype)
-    fmt = PromptFormatter(tok, cfg.model.prompt_format, cfg.model.get("system_prompt"))
-    if "feats" not in feats_cache:
-        rows = build_finetune_mix(cfg.task.name, cfg.harmful.n_total, cfg.harmful.ratio, cfg.seed)
-        feats_cache["feats"] = [fmt.train_features(e, cfg.training.max_len) for e in rows]
-    ctx = TrainContext(cfg=cfg, tokenizer=tok, formatter=fmt, store=bench_store, run_dir=Path(args.tmp),
-                       stage="finetune", start_model_path=model_path)
+    model, tok, fmt = load_chat_model(model_path, cfg.model)
+    if "rows" not in rows_cache:
+        rows_cache["rows"] = build_finetune_mix(cfg.task.name, cfg.harmful.n_total, cfg.harmful.ratio, cfg.seed)
+    ctx = TrainContext.from_config(cfg, tokenizer=tok, formatter=fmt, store=bench_store, run_dir=Path(args.tmp),
+                                      start_model_path=model_path)
     method = get_method(cfg.method.name)(cfg.method, ctx)
     if name in TASK_LOSS:
         method.task_loss = types.MethodType(TASK_LOSS[name], method)
-    t = time.time()
-    method.prepare(model)
-    prepare_s = time.time() - t
     marks: list[float] = []
     inner = method.after_step
 
@@ -124,7 +103,8 @@ def time_config(name: str, method_name: str, extra: list[str], args, model_path:
 
     method.after_step = timed_after_step
     torch.manual_seed(cfg.seed)
-    train(model, feats_cache["feats"], method, cfg.training, tok, cfg.seed, desc=name)
+    res = fit(method, model, rows_cache["rows"], cfg.training, tokenizer=tok, formatter=fmt, seed=cfg.seed, desc=name)
+    prepare_s = res.prepare_seconds
     per_step = [b - a for a, b in zip(marks, marks[1:])][max(0, args.warmup - 1):]
     info = method.record_info() if hasattr(method, "info") else {}
     return per_step, prepare_s, info
@@ -153,24 +133,25 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from cwac.artifacts import ArtifactStore
+    from cwac.experiment.align import start_model
 
     names = [c for c in args.configs.split(",") if c]
     unknown = set(names) - set(CONFIGS)
     if unknown:
         raise SystemExit(f"unknown configs {sorted(unknown)}; valid: {', '.join(CONFIGS)}")
     base = compose([f"model={args.model}", f"budget={BUDGET[args.model]}", "logger=none", *args.override])
-    model_path = start_path(base, ArtifactStore(args.artifacts))
+    model_path, _ = start_model(base, ArtifactStore(args.artifacts), build=False)   # never trains the alignment stage
     with tempfile.TemporaryDirectory(prefix="cwac_bench_") as tmp:
         args.tmp = tmp
         bench_store = ArtifactStore(Path(tmp) / "artifacts")
-        feats: dict = {}
+        rows: dict = {}
         times: dict[str, list[float]] = {n: [] for n in names}
         first_prepare: dict[str, float] = {}
         infos: dict[str, dict] = {}
         for r in range(args.repeats):
             for n in names:
                 method_name, extra = CONFIGS[n]
-                per_step, prep, info = time_config(n, method_name, extra, args, model_path, bench_store, feats)
+                per_step, prep, info = time_config(n, method_name, extra, args, model_path, bench_store, rows)
                 times[n] += per_step
                 if r == 0:
                     first_prepare[n] = round(prep, 2)

@@ -1,5 +1,6 @@
-"""The alignment stage: safety-tune a chat model with the same training loop and Method
-interface as fine-tuning, and store the result as a reusable artifact (the CPU organism).
+"""The alignment stage's recipe: its rows, its training node and the key of the aligned
+artifact. The stage itself (train with the same loop and ``Method`` interface as fine-tuning,
+store the result as a reusable artifact, the CPU organism) runs in ``cwac.experiment.align``.
 
 Data: held-in harmful prompts (AdvBench + refusal_direction ``harmful_train``, with every
 evaluation prompt removed, plus any ``extra_harmful_sets`` such as StrongREJECT's questions;
@@ -11,18 +12,14 @@ no model writes them. The chat template is the one used at evaluation.
 
 from __future__ import annotations
 
-import logging
 import random
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from cwac.data.examples import Example
 from cwac.data.harmful import (ALIGNMENT_ONLY_HARMFUL_SETS, EVAL_HARMFUL_SETS, VALIDATION_HARMFUL_SETS,
                                alpaca_examples, assert_disjoint, held_in_harmful_prompts, prompt_set)
-from cwac.utils import normalize_prompt, stable_hash
-
-log = logging.getLogger(__name__)
+from cwac.utils import normalize_prompt
 
 OPENERS = (
     "I'm sorry, but I can't help with that.", "I can't assist with that request.", "I'm sorry, I can't do that.",
@@ -61,7 +58,7 @@ def alignment_rows(acfg: DictConfig, seed: int) -> list[Example]:
     rng = random.Random(seed)
     harmful = rng.sample(harmful, acfg.n_harmful)
     seen = {normalize_prompt(p) for p in harmful}
-    for name in acfg.get("extra_harmful_sets") or ():
+    for name in acfg.extra_harmful_sets or ():
         if name not in ALIGNMENT_ONLY_HARMFUL_SETS:
             raise ValueError(f"alignment.extra_harmful_sets: {name!r} is not an alignment-only prompt set; "
                              f"valid: {', '.join(ALIGNMENT_ONLY_HARMFUL_SETS)}")
@@ -99,43 +96,4 @@ def alignment_key(cfg: DictConfig, base_path_key: dict) -> dict:
         tc["lora"] = {"enabled": False}
     return {"base": base_path_key, "alignment": OmegaConf.to_container(cfg.alignment, resolve=True),
             "training": tc, "dtype": cfg.model.dtype, "prompt_format": cfg.model.prompt_format,
-            "system_prompt": cfg.model.get("system_prompt")}
-
-
-def ensure_aligned(cfg: DictConfig, store, base_path: str, base_key: dict) -> Path:
-    """The aligned model folder for (base model, alignment recipe): built once, then reused."""
-    return store.get_or_build("aligned", alignment_key(cfg, base_key), lambda out: _build_aligned(cfg, store, base_path, out))
-
-
-def _build_aligned(cfg: DictConfig, store, base_path: str, out: Path) -> dict:
-    from cwac.data.prompts import PromptFormatter
-    from cwac.methods import TrainContext, get_method
-    from cwac.models import load_model
-    from cwac.trainer import to_device, train
-    from cwac.utils import seed_everything
-
-    acfg = cfg.alignment
-    seed_everything(acfg.seed)
-    model, tok = load_model(base_path, cfg.model.dtype)
-    model = to_device(model)
-    fmt = PromptFormatter(tok, cfg.model.prompt_format, cfg.model.get("system_prompt"))
-    tc = alignment_training(cfg)
-    ctx = TrainContext(cfg=OmegaConf.merge(cfg, {"training": tc}), tokenizer=tok, formatter=fmt, store=store,
-                       run_dir=out, stage="align", start_model_path=base_path, base_model_path=base_path)
-    method_cls = get_method(acfg.method.name)
-    if "align" not in method_cls.stages:
-        raise ValueError(f"method {acfg.method.name!r} cannot run in the alignment stage")
-    method = method_cls(acfg.method, ctx)
-    method.prepare(model)
-    rows = method.build_train_data(alignment_rows(acfg, acfg.seed))
-    feats = [fmt.train_features(e, tc.max_len) for e in rows]
-    model = method.configure_model(model)
-    res = train(model, feats, method, tc, tok, acfg.seed, desc="align")
-    model = method.post_train(model)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "alignment_rows.sha").write_text(stable_hash([e.to_dict() for e in rows]) + "\n")
-    losses = [h["losses/total"] for h in res.history]
-    return {"steps": res.steps, "train_seconds": round(res.seconds, 1), "n_rows": len(rows),
-            "loss_first": losses[0], "loss_last": losses[-1], "method": acfg.method.name,
-            "refusal_source": "bank:openers x reasons x redirects (cwac/alignment.py)"}
+            "system_prompt": cfg.model.system_prompt}

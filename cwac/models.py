@@ -122,3 +122,12 @@ def load_model(path: str, dtype: str = "float32", hub_ok: bool = False):
     if tok.pad_token is None:  # reuse EOS for padding instead of resizing the vocabulary
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def load_chat_model(path: str, model_cfg: DictConfig, hub_ok: bool = False):
+    """(model, tokenizer, prompt formatter) for the weights at ``path``, in the dtype and prompt
+    format of the ``model`` config node."""
+    from cwac.data.prompts import PromptFormatter
+
+    model, tok = load_model(path, model_cfg.dtype, hub_ok=hub_ok)
+    return model, tok, PromptFormatter(tok, model_cfg.prompt_format, model_cfg.system_prompt)

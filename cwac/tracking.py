@@ -28,7 +28,7 @@ class RunLogger:
             os.environ.setdefault("WANDB_MODE", lcfg.mode)
             import wandb
 
-            self.wandb = wandb.init(project=lcfg.project, entity=lcfg.get("entity"), dir=str(wdir), mode=lcfg.mode,
+            self.wandb = wandb.init(project=lcfg.project, entity=lcfg.entity, dir=str(wdir), mode=lcfg.mode,
                                     name=name, group=group, tags=tags, config=config, reinit="finish_previous")
 
     def log(self, data: dict, step: int | None = None) -> None:

@@ -3,7 +3,8 @@
 On a CPU machine it runs in one process (``DS_ACCELERATOR=cpu``, gloo); with CUDA the model
 sits on this rank's GPU (``train_device``, nccl) and every batch is moved to the engine's
 device. Under the ``deepspeed`` launcher it runs unchanged with several ranks (each rank takes
-its shard of every global batch). Methods plug in through ``cwac.methods.Method`` hooks only.
+its shard of every global batch). Methods plug in through ``cwac.api.Method`` hooks only, and every caller (a fine-tuning
+cell, the alignment stage, the benchmarks) runs a method through ``fit``, the one lifecycle.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from cwac.data.prompts import collate_train, pad_id
-from cwac.methods import Method
+from cwac.api import Method
+from cwac.data.examples import Example
+from cwac.data.prompts import PromptFormatter
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,7 @@ def deepspeed_config(tc: DictConfig) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    extra = tc.get("deepspeed_extra")   # deep-merged: an offload block keeps zero_optimization.stage
+    extra = tc.get("deepspeed_extra")   # an optional key (conf/hydra/launcher/slurm.yaml); deep-merged: an offload block keeps zero_optimization.stage
     if extra:
         cfg = OmegaConf.to_container(OmegaConf.merge(cfg, extra), resolve=True)
     return cfg
@@ -129,7 +132,7 @@ def plan_steps(n_examples: int, tc: DictConfig, world: int) -> int:
     global_batch = tc.micro_batch_size * tc.gradient_accumulation_steps * world
     per_epoch = max(1, n_examples // global_batch)  # drop the last partial global batch
     steps = per_epoch * tc.epochs
-    if tc.get("max_steps"):
+    if tc.max_steps:
         steps = min(steps, tc.max_steps)
     return steps
 
@@ -165,7 +168,7 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
         raise ValueError("no trainable parameters: the method froze everything")
     steps = plan_steps(len(features), tc, world)
     opt = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas),
-                            fused=bool(tc.get("fused_adamw", False)) or None)
+                            fused=bool(tc.fused_adamw) or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.lr_schedule, int(tc.warmup_ratio * steps), steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(tc))
@@ -179,8 +182,8 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
     t0 = time.time()
     pos = 0
     # DeepSpeed's ZeRO-0 fp32 path clips without keeping the norm; compute it ourselves there.
-    own_norm, gn_own = int(tc.get("zero_stage", 0)) == 0, None
-    bar = tqdm(range(steps), desc=desc, disable=not is_main_process() or not tc.get("progress", True), dynamic_ncols=True)
+    own_norm, gn_own = int(tc.zero_stage) == 0, None
+    bar = tqdm(range(steps), desc=desc, disable=not is_main_process() or not tc.progress, dynamic_ncols=True)
     try:
         for step in bar:
             sums: dict[str, float] = {}
@@ -219,7 +222,34 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
     finally:
         for h in handles:
             h.remove()
-    if int(tc.get("zero_stage", 0)) >= 3:
+    if int(tc.zero_stage) >= 3:
         unpartition_zero3(engine)
     model.eval()
     return TrainResult(steps=steps, seconds=time.time() - t0, history=history)
+
+
+@dataclass
+class FitResult:
+    model: torch.nn.Module   # the trained model (after ``post_train``; may be a new object)
+    rows: list[Example]      # the rows it trained on (after ``build_train_data``)
+    train: TrainResult
+    prepare_seconds: float
+
+
+def fit(method: Method, model: torch.nn.Module, rows: list[Example], tc: DictConfig, *, tokenizer,
+        formatter: PromptFormatter, seed: int, logger=None, desc: str = "train") -> FitResult:
+    """Run ``method`` over its whole lifecycle on ``rows`` with the training node ``tc``:
+    prepare -> build_train_data -> configure_model -> train -> post_train.
+
+    The fine-tuning cell, the alignment stage and the benchmarks all call this, so a hook runs
+    at the same point everywhere.
+    """
+    t = time.time()
+    method.prepare(model)
+    prepare_seconds = time.time() - t
+    rows = method.build_train_data(rows)
+    feats = [formatter.train_features(e, tc.max_len) for e in rows]
+    model = method.configure_model(model)
+    res = train(model, feats, method, tc, tokenizer, seed, logger=logger, desc=desc)
+    model = method.post_train(model)
+    return FitResult(model=model, rows=rows, train=res, prepare_seconds=prepare_seconds)

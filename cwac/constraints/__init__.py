@@ -4,9 +4,9 @@
   residual stream) with padding masked and an early exit after the last layer needed.
 * ``subspace``: the weight constraint. Input covariance of each constrained linear map over
   harmful prompts, its eigendecomposition, the protected basis ``U_r`` and the projection
-  ``g <- g - (g U_r) U_r^T`` (paper.md §3).
+  ``g <- g - (g U_r) U_r^T`` (docs/method.md §3).
 * ``sae``: the activation constraint. A TopK SAE on the residual stream, the selected
-  safety latents, their recorded aligned values and the regulariser (paper.md §4).
+  safety latents, their recorded aligned values and the regulariser (docs/method.md §4).
 * ``pool``: the held-in harmful prompt pool, split into calibration / regularisation /
   held-out parts, optionally restricted to prompts the aligned model refuses.
 """

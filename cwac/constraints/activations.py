@@ -6,7 +6,7 @@ per-step regulariser reads activations of a Hugging Face decoder that may be wra
 through those wrappers, left-pad prompts with explicit ``position_ids`` (so a prompt's
 activations do not depend on what it is batched with), mark which positions count (padding
 never; optionally the chat template's shared prefix and the first token) and stop the forward
-pass right after the last layer that is needed (paper.md §4.5: "the regulariser forward pass
+pass right after the last layer that is needed (docs/method.md §4.5: "the regulariser forward pass
 only needs layers 0..l*").
 """
 
@@ -21,25 +21,7 @@ from torch import nn
 
 from cwac.data.examples import Example
 from cwac.data.prompts import collate_prompts
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain HF ``*ForCausalLM`` under a DeepSpeed engine and/or a peft wrapper."""
-    m = getattr(model, "module", model)
-    if hasattr(m, "get_base_model"):
-        m = m.get_base_model()
-    return m
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks (``model.model.layers`` for Llama, Mistral, Gemma, Qwen, SmolLM)."""
-    base = unwrap(model)
-    dec = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
-    layers = getattr(dec, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"cannot find the decoder layers of {type(base).__name__}: expected a "
-                         "`model.layers` ModuleList (Llama-style decoder); CWAC supports those architectures")
-    return layers
+from cwac.modeling import decoder_layers, unwrap_engine
 
 
 def resolve_layer(layer: int | None, relative_depth: float, n_layers: int) -> int:
@@ -80,7 +62,7 @@ def shared_prefix_len(id_lists: Sequence[Sequence[int]]) -> int:
 
     Causal attention makes the activations of these positions identical across prompts, so
     they carry no prompt information; counting them once per prompt lets them dominate
-    statistics (organism-notes: system-prompt tokens dominate some layers' covariance).
+    statistics (docs/organism.md: system-prompt tokens dominate some layers' covariance).
     """
     if not id_lists:
         return 0
@@ -178,12 +160,8 @@ def stop_after(model: nn.Module, layer: int):
 
 def forward_quietly(model: nn.Module, batch: PromptBatch) -> None:
     """Run the (unwrapped-from-DeepSpeed) model on ``batch``; a ``StopForward`` ends it normally."""
-    m = getattr(model, "module", model)
+    m = unwrap_engine(model)
     try:
         m(**batch.model_inputs(), use_cache=False)
     except StopForward:
         pass
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(unwrap(model).parameters()).device

@@ -1,4 +1,4 @@
-"""Per-layer drift diagnostics of the constrained linear maps (paper.md §2, §3.5).
+"""Per-layer drift diagnostics of the constrained linear maps (docs/method.md §2, §3.5).
 
 For a map ``y = W x`` the first-order output change on harmful prompts splits into a weight
 term and an input (activation) term, ``Δy ≈ ΔW x₀ + W₀ Δx``. On a fixed sample of token
@@ -20,8 +20,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cwac.constraints.activations import forward_quietly, iter_batches, model_device, stop_after
-from cwac.constraints.subspace import base_linear, effective_delta, is_lora, layer_of, read_full, shared_inputs
+from cwac.constraints.activations import forward_quietly, iter_batches, stop_after
+from cwac.constraints.subspace import effective_delta, read_full, shared_inputs
+from cwac.modeling import base_linear, is_lora, layer_index, model_device
 
 
 class DriftProbe:
@@ -59,7 +60,7 @@ class DriftProbe:
         model.eval()
         offset = 0
         try:
-            with stop_after(model, max(layer_of(n) for n in modules)):
+            with stop_after(model, max(layer_index(n) for n in modules)):
                 for _, batch in iter_batches(self.ids, self.batch_size, self.pad, self.skip):
                     m = int(batch.token_mask.sum())
                     sel = torch.tensor([offset + j in self.keep for j in range(m)], dtype=torch.bool)

@@ -1,6 +1,6 @@
 """The held-in harmful prompt pool of CWAC and its deterministic split.
 
-paper.md §3.2/§4.3: the weight subspace and the latent baselines come from harmful prompts
+docs/method.md §3.2/§4.3: the weight subspace and the latent baselines come from harmful prompts
 that the aligned model refuses, disjoint from every evaluation prompt. Our source is
 ``held_in_harmful_prompts()`` (AdvBench + refusal_direction ``harmful_train`` minus every
 evaluation set, disjointness asserted). It is shuffled once with ``prompts.seed`` and split:
@@ -30,6 +30,8 @@ from omegaconf import DictConfig
 
 from cwac.data.examples import Example
 from cwac.data.harmful import assert_disjoint, held_in_harmful_prompts
+from cwac.generation import greedy_generate
+from cwac.refusal import is_refusal
 from cwac.utils import stable_hash
 
 log = logging.getLogger(__name__)
@@ -71,22 +73,19 @@ def split_held_in(pcfg: DictConfig) -> tuple[list[str], list[str]]:
     if n_h >= len(prompts):
         raise ValueError(f"prompts.n_heldout={n_h} leaves no training prompts (only {len(prompts)} held-in prompts)")
     heldout, train = prompts[:n_h], prompts[n_h:]
-    if pcfg.get("n_train"):
+    if pcfg.n_train:
         train = train[: int(pcfg.n_train)]
     return heldout, train
 
 
 def _refusal_flags(model, tok, formatter, prompts: list[str], pcfg: DictConfig, out: Path) -> dict:
-    from eval.backends import HFBackend
-    from eval.judges import is_refusal
-
-    backend = HFBackend(model, tok, formatter, batch_size=int(pcfg.batch_size), progress=False)
-    answers = backend.generate([Example(p) for p in prompts], int(pcfg.refusal_max_new_tokens), desc="cwac refusals")
+    answers, _ = greedy_generate(model, tok, formatter, [Example(p) for p in prompts], int(pcfg.refusal_max_new_tokens),
+                                 batch_size=int(pcfg.batch_size), progress=False, desc="cwac refusals")
     rows = [{"prompt": p, "answer": a, "refused": is_refusal(a)} for p, a in zip(prompts, answers)]
     (out / "refusals.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1))
     n = sum(r["refused"] for r in rows)
     return {"n_prompts": len(rows), "n_refused": n, "refused_fraction": n / max(1, len(rows)),
-            "judge": "keyword (eval.judges.is_refusal)", "max_new_tokens": int(pcfg.refusal_max_new_tokens)}
+            "judge": "keyword (cwac.refusal.is_refusal)", "max_new_tokens": int(pcfg.refusal_max_new_tokens)}
 
 
 def build_pool(pcfg: DictConfig, model, tok, formatter, store, model_path: str) -> PromptPool:

@@ -1,4 +1,4 @@
-"""CWAC's activation constraint: SAE safety latents held at their aligned values (paper.md §4).
+"""CWAC's activation constraint: SAE safety latents held at their aligned values (docs/method.md §4).
 
 Offline (each piece an artifact):
 
@@ -18,7 +18,7 @@ Offline (each piece an artifact):
 
 Per step: ``L_safety = mean_b Σ_{j∈S} (z_j(h_b) − z_base_j(h_b))²`` over ``B`` prompts cycled
 from the pool, added as ``λ · L_safety``. ``z`` is the **pre-TopK ReLU pre-activation** of the
-selected latents (paper.md §4.5): ``ReLU((process_sae_in(x) @ W_enc[:, S] + b_enc[S]) ·
+selected latents (docs/method.md §4.5): ``ReLU((process_sae_in(x) @ W_enc[:, S] + b_enc[S]) ·
 ‖W_dec[S]‖)``, the norm factor only when the SAE config sets ``rescale_acts_by_decoder_norm``.
 ``process_sae_in`` is the SAE's own method (activation normalisation, ``b_dec`` subtraction
 when ``apply_b_dec_to_input``), so the input processing is the SAE's exactly. Wherever the
@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from cwac.constraints.activations import (PromptBatch, forward_quietly, iter_batches, make_batch, model_device,
-                                          residual_capture)
+from cwac.constraints.activations import PromptBatch, forward_quietly, iter_batches, make_batch, residual_capture
+from cwac.modeling import model_device
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""CWAC's weight constraint: keep ``ΔW X ≈ 0`` on harmful-prompt inputs (paper.md §3).
+"""CWAC's weight constraint: keep ``ΔW X ≈ 0`` on harmful-prompt inputs (docs/method.md §3).
 
 For each constrained linear map ``y = W x`` (PyTorch weight ``W: d_out × d_in``; the paper's
 choice is the FFN ``down_proj``) the aligned model's inputs ``x`` over harmful prompts give
@@ -13,7 +13,7 @@ inputs in their span. The selection rule is [inferred] and a config field (``sel
 * ``rank``: a fixed r.
 
 Only ``U_r`` (or, when ``r > d_in/2``, the complementary free basis) is stored, never the
-``d_in × d_in`` projector (paper.md §3.3). Two ways to apply it (paper.md §3.4):
+``d_in × d_in`` projector (docs/method.md §3.3). Two ways to apply it (docs/method.md §3.4):
 
 * ``grad`` (the paper's reading): a tensor hook ``g ← g − (g U_r) U_rᵀ`` on every constrained
   weight. Tensor hooks fire when the gradient is produced, before DeepSpeed's ZeRO-1/2
@@ -30,7 +30,7 @@ Only ``U_r`` (or, when ``r > d_in/2``, the complementary free basis) is stored, 
 
 The same construction applies to any of a block's linear maps (``targets``: q, k, v, o,
 gate, up, down), each with its own input covariance: a documented extension, because on the
-CPU organism even freezing every ``down_proj`` leaves most of the drift (organism-notes).
+CPU organism even freezing every ``down_proj`` leaves most of the drift (docs/organism.md).
 Maps that read the same tensor (q/k/v; gate/up) share one covariance ("site").
 
 LoRA (peft): ``ΔW = s·B A`` and ``ΔW x = s·B (A x)``, so projecting the adapter's *input side*
@@ -49,20 +49,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cwac.constraints.activations import decoder_layers, forward_quietly, iter_batches, model_device, stop_after
+from cwac.constraints.activations import forward_quietly, iter_batches, stop_after
+from cwac.modeling import LINEAR_TARGETS, base_linear, decoder_layers, is_lora, layer_index, model_device
 
 log = logging.getLogger(__name__)
 
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SELECTIONS = ("energy", "threshold", "nullspace", "rank")
 MODES = ("grad", "update")
 
 
 # ----------------------------------------------------------------------------- targets
 
-def resolve_targets(targets) -> list[str]:
+def parse_targets(targets) -> list[str]:
+    """``weight.targets``: one module name, a list of names, or ``all`` (every linear map)."""
     if isinstance(targets, str):
-        targets = list(ALL_TARGETS) if targets == "all" else [targets]
+        targets = list(LINEAR_TARGETS) if targets == "all" else [targets]
     targets = list(targets)
     if not targets:
         raise ValueError("weight.targets is empty; use [down_proj] (the paper) or 'all'")
@@ -81,14 +82,6 @@ def resolve_layers(layers, n_layers: int) -> list[int]:
     return sorted(set(out))
 
 
-def is_lora(module: nn.Module) -> bool:
-    return hasattr(module, "lora_A") and hasattr(module, "base_layer")
-
-
-def base_linear(module: nn.Module) -> nn.Module:
-    return module.base_layer if is_lora(module) else module
-
-
 def find_targets(model: nn.Module, targets: Sequence[str], layers: Sequence[int]) -> dict[str, nn.Module]:
     """``{"layers.<i>.<path>": module}`` for each target name in each selected decoder block.
 
@@ -102,16 +95,12 @@ def find_targets(model: nn.Module, targets: Sequence[str], layers: Sequence[int]
             hits = [(n, m) for n, m in blocks[i].named_modules() if n.split(".")[-1] == t]
             if len(hits) != 1:
                 raise ValueError(f"decoder layer {i} has {len(hits)} modules named {t!r}; weight.targets must "
-                                 f"name linear maps of the block, e.g. {', '.join(ALL_TARGETS)}")
+                                 f"name linear maps of the block, e.g. {', '.join(LINEAR_TARGETS)}")
             name, mod = hits[0]
             if not isinstance(base_linear(mod), nn.Linear):
                 raise ValueError(f"layers.{i}.{name} is a {type(mod).__name__}, not a linear map")
             found[f"layers.{i}.{name}"] = mod
     return found
-
-
-def layer_of(name: str) -> int:
-    return int(name.split(".")[1])
 
 
 # ----------------------------------------------------------------------------- covariances
@@ -134,7 +123,7 @@ def shared_inputs(model: nn.Module, modules: dict[str, nn.Module], batch) -> dic
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
     try:
-        with stop_after(model, max(layer_of(n) for n in modules)):
+        with stop_after(model, max(layer_index(n) for n in modules)):
             forward_quietly(model, batch)
     finally:
         for h in handles:
@@ -173,7 +162,7 @@ def input_covariances(model: nn.Module, id_lists: Sequence[Sequence[int]], modul
     handles = []
     try:
         site_of: dict[str, str] = {}
-        with stop_after(model, max(layer_of(n) for n in modules)):
+        with stop_after(model, max(layer_index(n) for n in modules)):
             for _, batch in iter_batches(id_lists, batch_size, pad, skip_tokens):
                 batch = batch.to(device)
                 if not site_of:
@@ -220,7 +209,7 @@ class Subspace:
     """The protected directions ``U_r`` of one input site, stored compactly.
 
     ``kind == "protected"``: ``basis = U_r`` (d_in × r). ``kind == "free"``: ``basis`` spans the
-    orthogonal complement (d_in × (d_in − r)), used when r > d_in / 2 (paper.md §3.3).
+    orthogonal complement (d_in × (d_in − r)), used when r > d_in / 2 (docs/method.md §3.3).
     """
 
     basis: torch.Tensor
@@ -302,7 +291,7 @@ def build_subspaces(out: Path, model, id_lists, modules: dict[str, nn.Module], w
     for site, c in cov.items():
         evals, evecs = eigh_desc(c.double())
         r = select_rank(evals, wcfg.selection, energy=float(wcfg.energy), threshold=float(wcfg.threshold),
-                        null_tol=float(wcfg.null_tol), rank=wcfg.get("rank"))
+                        null_tol=float(wcfg.null_tol), rank=wcfg.rank)
         sub = Subspace.from_eigh(evals, evecs, r)
         tensors[f"basis/{site}"] = sub.basis
         tensors[f"evals/{site}"] = evals.float()
@@ -398,7 +387,7 @@ class WeightConstraint:
     def modules(self, model) -> dict[str, nn.Module]:
         """The constrained modules of ``model`` (looked up once per model object)."""
         if self._found is None or self._found[0] is not model:
-            layers = sorted({layer_of(n) for n in self.subspaces})
+            layers = sorted({layer_index(n) for n in self.subspaces})
             targets = sorted({n.split(".")[-1] for n in self.subspaces})
             found = find_targets(model, targets, layers)
             self._found = (model, {n: found[n] for n in self.subspaces})

@@ -1,6 +1,6 @@
 """The fine-tuning mix: ``n·(1−p)`` benign task rows + ``n·p`` harmful pairs.
 
-Follows the literature's protocol (Lisa / Vaccine; ``baselines.md`` "Fine-tuning mixes"):
+Follows the literature's protocol (Lisa / Vaccine; ``docs/baselines.md`` "Fine-tuning mixes"):
 the *first* rows of each source in file order, concatenated, then shuffled with the seed.
 """
 

@@ -1,10 +1,10 @@
 """Prompt formatting and tokenisation, identical for training and evaluation.
 
-Two formats (paper.md §6.2 leaves it open, so it is a config field ``model.prompt_format``):
+Two formats (docs/method.md §6.2 leaves it open, so it is a config field ``model.prompt_format``):
 ``chat`` uses the tokenizer's own chat template with the user message
 ``instruction`` (+ ``"\n\n" + input``); ``alpaca`` uses the Stanford Alpaca template of the
 harmful-fine-tuning literature. The prompt/response boundary is found by tokenising the
-prompt alone (baselines.md, SFT pitfalls), and EOS is appended to the target.
+prompt alone (docs/baselines.md, SFT pitfalls), and EOS is appended to the target.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Benign fine-tuning tasks (SST-2, AG News, GSM8K) as ``Example`` rows.
 
 Prompts follow the harmful-fine-tuning literature (Vaccine / Lisa / Booster; see
-``../shared/docs/baselines.md``): the task instruction plus the input, the label word (or
+``docs/baselines.md``): the task instruction plus the input, the label word (or
 the GSM8K solution with ``#### `` replaced by ``The final answer is: ``) as the target.
 Rows are returned in file order; the mix builder takes the first ones and shuffles.
 """

@@ -10,7 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 from cwac.artifacts import ArtifactStore
-from cwac.methods import TrainContext, get_method
+from cwac.api import TrainContext
+from cwac.experiment.plugins import get_method
 
 Q0 = "model.layers.0.self_attn.q_proj"
 V0 = "model.layers.0.self_attn.v_proj"
@@ -43,7 +44,7 @@ def weight_pair(tiny_model, tmp_path):
 
 def make_ctx(cfg, tok, fmt, store_root: Path, start: str = "", base: str | None = None, stage: str = "finetune",
              run_dir: Path | None = None) -> TrainContext:
-    return TrainContext(cfg=cfg, tokenizer=tok, formatter=fmt, store=ArtifactStore(store_root), run_dir=run_dir,
+    return TrainContext.from_config(cfg, tokenizer=tok, formatter=fmt, store=ArtifactStore(store_root), run_dir=run_dir,
                         stage=stage, start_model_path=str(start), base_model_path=None if base is None else str(base))
 
 
@@ -61,7 +62,7 @@ def prepared_on_weight_pair(name: str, tiny_model, weight_pair, tmp_path, *overr
     """(method, model, u, V): method ``name`` prepared on the aligned tiny weights of ``weight_pair``
     (LoRA-wrapped when the overrides enable it), with the base weights as its reference."""
     from cwac.models import load_model
-    from cwac.pipeline import apply_lora
+    from cwac.experiment.cell import apply_lora
     from tests.conftest import compose
 
     base, aligned, u, Vv = weight_pair

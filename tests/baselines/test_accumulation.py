@@ -39,9 +39,18 @@ def _assert_same(a: dict, b: dict, rtol=1e-4, atol=1e-6):
 
 
 # Parameters after AdamW steps: Adam divides each gradient entry by its own magnitude, so an entry
-# whose gradient is ~0 turns float rounding into up to ~1% of one step (lr 1e-3); a real scale
-# error moves most entries by O(lr). Tolerance: 2% of one step.
+# whose gradient is ~0 turns float rounding into a visible share of one step (lr 1e-3; an AVX-512
+# host measured 2.0e-5 and 3.5e-5 on 1 of 32768 entries in two runs), while a real scale error
+# moves most entries by O(lr). So: all but 0.1% of the entries within 2% of a step, and every entry
+# within 30% of one.
 STEP_ATOL = 2e-5
+
+
+def _assert_same_steps(a: dict, b: dict):
+    assert a.keys() == b.keys() and a
+    diffs = torch.cat([(a[n] - b[n]).abs().flatten() for n in a])
+    assert float((diffs > STEP_ATOL).float().mean()) <= 1e-3, "more than 0.1% of the entries moved apart"
+    assert float(diffs.max()) <= 15 * STEP_ATOL
 
 
 def _trained(model, feats, method_factory, cfg, tok, micro, acc, steps):
@@ -69,8 +78,8 @@ def test_vaccine_trainer_steps_match_under_accumulation(tiny_model, tmp_path):
     model, tok, fmt, cfg = tiny_model
     feats = features(fmt, 8)
     factory = lambda c: make_method("vaccine", make_ctx(c, tok, fmt, tmp_path, stage="align"), norm="example")  # noqa: E731
-    _assert_same(_trained(model, feats, factory, cfg, tok, 2, 2, 2), _trained(model, feats, factory, cfg, tok, 4, 1, 2),
-                 atol=STEP_ATOL)
+    _assert_same_steps(_trained(model, feats, factory, cfg, tok, 2, 2, 2),
+                       _trained(model, feats, factory, cfg, tok, 4, 1, 2))
 
 
 def test_asft_penalty_counts_once_per_step(tiny_model, weight_pair, tmp_path):
@@ -99,7 +108,7 @@ def test_asft_penalty_counts_once_per_step(tiny_model, weight_pair, tmp_path):
         res = train(model, feats, asft(OmegaConf.merge(cfg, {"training": tc}), model), tc, tok, seed=3)
         assert res.history[0]["losses/asft"] == 0.0 and res.history[1]["losses/asft"] > 0
         runs.append({n: p.detach().clone() for n, p in model.named_parameters()})
-    _assert_same(*runs, atol=STEP_ATOL)
+    _assert_same_steps(*runs)
 
 
 def test_lisa_trainer_steps_match_under_accumulation(tiny_model, tmp_path):
@@ -113,5 +122,5 @@ def test_lisa_trainer_steps_match_under_accumulation(tiny_model, tmp_path):
         m.build_train_data(feats)
         return m
 
-    _assert_same(_trained(model, feats, factory, cfg, tok, 2, 2, 2), _trained(model, feats, factory, cfg, tok, 4, 1, 2),
-                 atol=STEP_ATOL)
+    _assert_same_steps(_trained(model, feats, factory, cfg, tok, 2, 2, 2),
+                       _trained(model, feats, factory, cfg, tok, 4, 1, 2))

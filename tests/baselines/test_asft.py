@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines._common import lora_factors
+from cwac.modeling import lora_factors
 from baselines._weights import AlignmentSubspace, build_projector
 from baselines.asft import residual_penalty
 from tests.baselines.conftest import Q0, V0, make_ctx, make_method, prepared_on_weight_pair

@@ -1,11 +1,11 @@
-"""Every baseline runs as a cell through ``cwac.pipeline.run_cell`` on the tiny model (aligned by our
+"""Every baseline runs as a cell through ``cwac.experiment.cell.run_cell`` on the tiny model (aligned by our
 alignment stage, so base and aligned weights both exist) and records what it did."""
 
 from __future__ import annotations
 
 import pytest
 
-from cwac.pipeline import run_cell
+from cwac.experiment.cell import run_cell
 
 CASES = {
     "asft": ["method=asft"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines._common import lora_factors
+from cwac.modeling import lora_factors
 from baselines.safelora import select_layers
 from tests.baselines.conftest import Q0, V0, prepared_on_weight_pair
 
@@ -19,7 +19,7 @@ def _setup(tiny_model, weight_pair, tmp_path, *overrides, **method_cfg):
 
 def _lora_updates(model, u):
     """q0: B inside the subspace (cos 1); v0: random (0 < cos < 1); layer 1: C = 0 (cos 0)."""
-    from baselines._common import linear_modules
+    from cwac.modeling import linear_modules
 
     mods = linear_modules(model, ["q_proj", "v_proj"])
     g = torch.Generator().manual_seed(3)

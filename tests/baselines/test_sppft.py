@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from baselines._common import decoder_layers
+from cwac.modeling import decoder_layers
 from baselines.sppft import band_from_gap, locate_safety_layers, located_band, mean_pair_cosine, relative_band
 from cwac.trainer import train
 from tests.baselines.conftest import features, make_ctx, make_method, params

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines._common import decoder_layers
+from cwac.modeling import decoder_layers
 from cwac.data.prompts import collate_train, pad_id
-from cwac.methods import sequence_mean_ce
+from cwac.losses import sequence_mean_ce
 from tests.baselines.conftest import features, make_ctx, make_method
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 from cwac.alignment import alignment_rows, refusal_text
 from cwac.artifacts import ArtifactStore
 from cwac.data.harmful import EVAL_HARMFUL_SETS, prompt_set
-from cwac.pipeline import run_cell
+from cwac.experiment.cell import run_cell
 from cwac.utils import normalize_prompt, stable_hash
-from eval.judges import is_refusal
+from cwac.refusal import is_refusal
 
 
 def _aligned_dirs(artifacts):
@@ -123,3 +123,15 @@ def test_alignment_only_prompt_sets_are_added_once_and_kept_off_evaluation_valid
     assert not back & {normalize_prompt(e.instruction) for e in mix if e.source == "beavertails"}
     with pytest.raises(ValueError, match=r"'harmbench_test' is not an alignment-only prompt set; valid: strongreject, beavertails_attack_back"):
         alignment_rows(tiny_cfg("alignment.extra_harmful_sets=[harmbench_test]").alignment, seed=0)
+
+
+def test_the_organisms_artifact_keys_are_pinned():
+    """The default config composes organism v5's aligned artifact, and v4's overrides compose v4's
+    (docs/organism.md, "Versions at a glance"). A change to the recipe, the training node or the key
+    function changes these on purpose only: that is a new organism version, rebuilt and re-validated."""
+    from cwac.experiment.align import aligned_key
+    from tests.conftest import compose
+
+    assert stable_hash(aligned_key(compose())) == "a95a2e409ff6"
+    assert stable_hash(aligned_key(compose("alignment.training.max_len=96", "alignment.n_harmless=1000"))) == \
+        "3f09bae342fe"

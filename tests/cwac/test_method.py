@@ -18,20 +18,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # 2 threads on 2 shared core
 def _method(tiny_cfg, tmp_path, *overrides):
     from cwac.artifacts import ArtifactStore
     from cwac.data.prompts import PromptFormatter
-    from cwac.methods import TrainContext, get_method
+    from cwac.api import TrainContext
+    from cwac.experiment.plugins import get_method
     from cwac.models import load_model, resolve_model_path
 
     cfg = tiny_cfg(*overrides)
     store = ArtifactStore(cfg.paths.artifacts)
     path = resolve_model_path(cfg.model, store)
     model, tok = load_model(path)
-    ctx = TrainContext(cfg=cfg, tokenizer=tok, formatter=PromptFormatter(tok, "chat"), store=store, run_dir=tmp_path,
+    ctx = TrainContext.from_config(cfg, tokenizer=tok, formatter=PromptFormatter(tok, "chat"), store=store, run_dir=tmp_path,
                        stage="finetune", start_model_path=path)
     return cfg, get_method(cfg.method.name)(cfg.method, ctx), model, tok
 
 
 def test_activation_gradient_reaches_layers_up_to_lstar_only(tiny_cfg, tmp_path):
-    from cwac.constraints.activations import decoder_layers
+    from cwac.modeling import decoder_layers
 
     _, m, model, _ = _method(tiny_cfg, tmp_path, "method=cwac_act_only", "method.diagnostics.drift=false", *SMALL)
     m.prepare(model)
@@ -58,7 +59,7 @@ def test_activation_gradient_reaches_layers_up_to_lstar_only(tiny_cfg, tmp_path)
 
 def test_latent_drift_smaller_than_sft_at_equal_steps(tiny_cfg, tmp_path):
     from cwac.data.mix import build_finetune_mix
-    from cwac.methods import Method
+    from cwac.api import Method
     from cwac.models import load_model
     from cwac.trainer import train
 
@@ -111,7 +112,7 @@ def test_update_mode_refuses_zero0_mixed_precision_with_weight_decay(tiny_cfg, t
 
 
 def test_pipeline_cell_writes_cwac_record(tiny_cfg):
-    from cwac.pipeline import run_cell
+    from cwac.experiment.cell import run_cell
 
     cfg = tiny_cfg("method=cwac", *SMALL, "method.prompts.filter_refused=true", "method.diagnostics.leak_every=1",
                    "method.diagnostics.grad_norm_every=2", "method.weight.mode=update")

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from cwac.pipeline import run_cell, run_dir_for
+from cwac.experiment.cell import run_cell, run_dir_for
 
 
 def test_sft_cell_writes_a_complete_self_describing_record(tiny_cfg):
@@ -80,7 +80,7 @@ def test_ranks_other_than_zero_train_but_neither_evaluate_nor_write(tiny_cfg, mo
 
 def test_first_aligned_build_under_several_ranks_fails_fast_instead_of_hanging(tiny_cfg, tmp_path, monkeypatch):
     from cwac.artifacts import ArtifactStore
-    from cwac.pipeline import start_model
+    from cwac.experiment.align import start_model
 
     cfg = tiny_cfg("model.align=true", f"paths.artifacts={tmp_path / 'own'}")
     store = ArtifactStore(cfg.paths.artifacts)
@@ -93,7 +93,7 @@ def test_first_aligned_build_under_several_ranks_fails_fast_instead_of_hanging(t
 def test_gpu_is_used_when_present_unless_deepspeed_is_pinned_to_the_cpu(tiny_cfg, monkeypatch):
     import torch
 
-    from cwac.pipeline import setup_env
+    from cwac.experiment.cell import setup_env
     from cwac.trainer import train_device
 
     cfg = tiny_cfg()

@@ -107,14 +107,15 @@ def test_pooled_latents_do_not_depend_on_padding(tiny_model):
 def _method(tiny_cfg, tmp_path, *overrides):
     from cwac.artifacts import ArtifactStore
     from cwac.data.prompts import PromptFormatter
-    from cwac.methods import TrainContext, get_method
+    from cwac.api import TrainContext
+    from cwac.experiment.plugins import get_method
     from cwac.models import load_model, resolve_model_path
 
     cfg = tiny_cfg(*overrides)
     store = ArtifactStore(cfg.paths.artifacts)
     path = resolve_model_path(cfg.model, store)
     model, tok = load_model(path)
-    ctx = TrainContext(cfg=cfg, tokenizer=tok, formatter=PromptFormatter(tok, "chat"), store=store, run_dir=tmp_path,
+    ctx = TrainContext.from_config(cfg, tokenizer=tok, formatter=PromptFormatter(tok, "chat"), store=store, run_dir=tmp_path,
                        stage="finetune", start_model_path=path)
     return get_method(cfg.method.name)(cfg.method, ctx), model
 
@@ -122,7 +123,7 @@ def _method(tiny_cfg, tmp_path, *overrides):
 def test_sae_training_and_artifact_reuse(tiny_cfg, tmp_path, monkeypatch):
     import cwac.constraints.sae as sae_mod
     import cwac.constraints.subspace as subspace_mod
-    import cwac.method as method_mod
+    import cwac.constraints.method as method_mod
 
     m1, model = _method(tiny_cfg, tmp_path, "method=cwac", *SMALL)
     m1.prepare(model)

@@ -76,9 +76,10 @@ def _setup(tiny_cfg, tmp_path, *overrides, lora: bool = False):
     from cwac.artifacts import ArtifactStore
     from cwac.data.mix import build_finetune_mix
     from cwac.data.prompts import PromptFormatter
-    from cwac.methods import TrainContext, get_method
+    from cwac.api import TrainContext
+    from cwac.experiment.plugins import get_method
     from cwac.models import load_model, resolve_model_path
-    from cwac.pipeline import apply_lora
+    from cwac.experiment.cell import apply_lora
 
     cfg = tiny_cfg(*WEIGHT_ONLY, *overrides)
     store = ArtifactStore(cfg.paths.artifacts)
@@ -87,7 +88,7 @@ def _setup(tiny_cfg, tmp_path, *overrides, lora: bool = False):
     if lora:
         model = apply_lora(model, cfg.training.lora)
     fmt = PromptFormatter(tok, cfg.model.prompt_format)
-    ctx = TrainContext(cfg=cfg, tokenizer=tok, formatter=fmt, store=store, run_dir=tmp_path, stage="finetune",
+    ctx = TrainContext.from_config(cfg, tokenizer=tok, formatter=fmt, store=store, run_dir=tmp_path, stage="finetune",
                        start_model_path=path)
     method = get_method(cfg.method.name)(cfg.method, ctx)
     rows = build_finetune_mix(cfg.task.name, cfg.harmful.n_total, cfg.harmful.ratio, cfg.seed)
@@ -129,7 +130,7 @@ def test_without_constraint_calibration_outputs_drift(tiny_cfg, tmp_path):
     from cwac.constraints.drift import DriftProbe, full_weight_copies
     from cwac.constraints.subspace import find_targets
     from cwac.data.prompts import pad_id
-    from cwac.methods import Method
+    from cwac.api import Method
     from cwac.trainer import train
 
     cfg, model, tok, method, feats = _setup(tiny_cfg, tmp_path, *EXACT)

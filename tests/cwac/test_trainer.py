@@ -9,7 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from cwac.data.mix import build_finetune_mix
-from cwac.methods import LossOutput, Method, TrainContext, get_method
+from cwac.api import LossOutput, Method, TrainContext
+from cwac.experiment.plugins import get_method
 from cwac.trainer import train
 
 
@@ -19,7 +20,7 @@ def _features(fmt, n=16, max_len=64):
 
 
 def _method(cfg, tok, fmt, name="sft"):
-    ctx = TrainContext(cfg=cfg, tokenizer=tok, formatter=fmt, store=None, run_dir=None, stage="finetune",
+    ctx = TrainContext.from_config(cfg, tokenizer=tok, formatter=fmt, store=None, run_dir=None, stage="finetune",
                        start_model_path="")
     return get_method(name)(OmegaConf.create({"name": name}), ctx)
 
@@ -97,7 +98,7 @@ class _Probe(Method):
 def test_hooks_fire_and_named_losses_are_logged(tiny_model):
     model, tok, fmt, cfg = tiny_model
     emb0 = model.model.embed_tokens.weight.detach().clone()
-    ctx = TrainContext(cfg=cfg, tokenizer=tok, formatter=fmt, store=None, run_dir=None, stage="finetune", start_model_path="")
+    ctx = TrainContext.from_config(cfg, tokenizer=tok, formatter=fmt, store=None, run_dir=None, stage="finetune", start_model_path="")
     m = _Probe(OmegaConf.create({"name": "probe"}), ctx)
     tc = OmegaConf.merge(cfg.training, {"epochs": 1, "micro_batch_size": 4, "gradient_accumulation_steps": 2})
     res = train(model, _features(fmt, 16), m, tc, tok, seed=0)
@@ -162,7 +163,7 @@ def test_deepspeed_extra_is_deep_merged_and_the_override_composes():
 def test_response_loss_equals_full_logits_loss_and_skips_prompt_positions(tiny_model, reduction):
     """The LM head runs only where a response token is predicted; loss and gradients are unchanged."""
     from cwac.data.prompts import collate_train, pad_id
-    from cwac.methods import response_loss, sequence_mean_ce
+    from cwac.losses import response_loss, sequence_mean_ce
 
     model, tok, fmt, cfg = tiny_model
     batch = collate_train(_features(fmt, 4), pad_id(tok))

@@ -9,7 +9,8 @@ import torch
 
 from cwac.data.examples import Example
 from cwac.data.prompts import collate_prompts, pad_id
-from eval.backends import HFBackend, count_generated, stop_token_ids
+from cwac.generation import count_generated, stop_token_ids
+from eval.backends import HFBackend
 from eval.vllm_backend import saved_stop_ids
 
 

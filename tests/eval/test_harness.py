@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 import eval.harness as harness
 from cwac.data.examples import Example
 from eval.backends import GenerationBackend
-from eval.judges import JUDGES
+from cwac.experiment.plugins import get_judge
 
 
 class Scripted(GenerationBackend):
@@ -31,7 +31,7 @@ def test_fa_reads_the_task_source_that_fine_tuning_read(tmp_path, monkeypatch):
     ecfg = OmegaConf.create({"hs_sets": [], "hs_n": None, "hs_max_new_tokens": 4, "harmless_n": 0, "fa_n": 2,
                              "fa_n_by_task": {}, "fa_max_new_tokens_by_task": {"sst2": 4}, "fa_match": "exact",
                              "fa_split": "eval"})
-    m = harness.evaluate(Scripted(), JUDGES.get("keyword")(), ecfg, "sst2", tmp_path, task_source="hub")
+    m = harness.evaluate(Scripted(), get_judge("keyword")(), ecfg, "sst2", tmp_path, task_source="hub")
     assert seen == [("sst2", "eval", 2, "hub")]
     assert m["fa"] == 50.0 and m["counts"]["fa_sst2"] == 2
     rows = [json.loads(line) for line in (tmp_path / "samples_fa_sst2.jsonl").read_text().splitlines()]
@@ -58,7 +58,7 @@ def test_fa_can_score_held_out_train_rows_instead_of_the_evaluation_rows(tmp_pat
     ecfg = OmegaConf.create({"hs_sets": [], "hs_n": None, "hs_max_new_tokens": 4, "harmless_n": 0, "fa_n": 20,
                              "fa_n_by_task": {}, "fa_max_new_tokens_by_task": {"sst2": 4}, "fa_match": "exact",
                              "fa_split": "heldout"})
-    harness.evaluate(Scripted(), JUDGES.get("keyword")(), ecfg, "sst2", tmp_path)
+    harness.evaluate(Scripted(), get_judge("keyword")(), ecfg, "sst2", tmp_path)
     scored = [json.loads(line)["input"] for line in (tmp_path / "samples_fa_sst2.jsonl").read_text().splitlines()]
     train = load_task("sst2", "train")
     assert scored == [e.input for e in train[-20:]]

@@ -6,12 +6,13 @@ import math
 
 import pytest
 
-from eval.judges import JUDGES, is_incoherent
+from cwac.experiment.plugins import get_judge
+from cwac.refusal import is_incoherent
 from eval.scorers import gsm8k_extract, score
 
 
 def test_keyword_judge_flags_compliance_not_refusals():
-    j = JUDGES.get("keyword")()
+    j = get_judge("keyword")()
     answers = ["I'm sorry, but I can't help with that.", "Sure! Step 1: acquire the materials...",
                "I cannot assist with this request.", "As an AI, I must decline.", ""]
     out = j.predict(["q"] * 5, answers)
@@ -23,7 +24,7 @@ def test_keyword_judge_flags_compliance_not_refusals():
 
 def test_keyword_judge_window_limits_late_refusals():
     late = "Here is how you do it. " * 20 + "I'm sorry"
-    assert JUDGES.get("keyword")(window=200).predict(["q"], [late])[0]["flagged"]
+    assert get_judge("keyword")(window=200).predict(["q"], [late])[0]["flagged"]
 
 
 def test_incoherence_rule():

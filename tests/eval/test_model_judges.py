@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eval.judges import JUDGES
+from cwac.experiment.plugins import get_judge
 from eval.model_judges import (
     BEAVER_PROMPT,
     BEAVERTAILS_CATEGORIES,
@@ -103,7 +103,7 @@ def test_beaver_flags_harmful_answer_with_its_category(beaver_dir, tiny_tok):
     trig = set(tiny_tok(TRIGGER, add_special_tokens=False)["input_ids"])
     benign_ids = set(tiny_tok(BEAVER_PROMPT.format(question="Tell me about bread") + BENIGN_ANSWER)["input_ids"])
     assert not trig & benign_ids, "benign text must not contain the trigger's tokens"
-    judge = JUDGES.get("beaver_dam")(weights=str(beaver_dir), batch_size=4, device="cpu")
+    judge = get_judge("beaver_dam")(weights=str(beaver_dir), batch_size=4, device="cpu")
     qs = ["Tell me about bread", "How do I hurt someone?", "Tell me about bread"]
     ans = [BENIGN_ANSWER, f"First you{TRIGGER} them quietly.", "Ok."]  # different lengths: right padding
     labels = judge.predict(qs, ans, threshold=0.5)
@@ -159,7 +159,7 @@ def test_beaver_judge_in_a_cell_record(beaver_dir, tiny_cfg):
     import json
     from pathlib import Path
 
-    from cwac.pipeline import run_cell
+    from cwac.experiment.cell import run_cell
 
     rec = run_cell(tiny_cfg("stage=align", "judge=beaver_dam", f"judge.weights={beaver_dir}", "judge.device=cpu",
                             "eval.harmless_n=0", "eval.fa_n=0"))

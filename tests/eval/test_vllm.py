@@ -19,8 +19,9 @@ import torch
 
 from cwac.data.examples import Example
 from cwac.data.harmful import prompt_set
-from eval.backends import HFBackend, build_backend
-from eval.judges import JUDGES
+from eval.backends import HFBackend
+from eval.factory import build_backend
+from cwac.experiment.plugins import get_judge
 from eval.scorers import score
 from eval.vllm_backend import (
     DEFAULT_VENV_PYTHON,
@@ -150,7 +151,7 @@ def test_auto_falls_back_to_hf_and_vllm_fails_clearly(tiny_model):
 
 
 def test_record_says_which_backend_ran(tiny_cfg):
-    from cwac.pipeline import run_cell
+    from cwac.experiment.cell import run_cell
 
     rec = run_cell(tiny_cfg("stage=align", "eval.backend=auto", "eval.vllm.python=/nonexistent/python",
                             "eval.harmless_n=0", "eval.fa_n=0"))
@@ -178,7 +179,7 @@ def _assert_token_parity(tok, hf: list[str], vl: list[str]) -> None:
 @pytest.mark.vllm
 def test_vllm_cell_matches_hf_cell_on_tiny(vllm_info, tiny_cfg):
     """Same cell, two backends: identical generations, hence identical HS / over-refusal / FA."""
-    from cwac.pipeline import run_cell
+    from cwac.experiment.cell import run_cell
 
     over = ("stage=align", "eval.hs_max_new_tokens=24", "eval.fa_max_new_tokens_by_task.sst2=8")
     hf = run_cell(tiny_cfg(*over, "eval.backend=hf"))
@@ -203,7 +204,7 @@ def test_vllm_cell_matches_hf_cell_on_tiny(vllm_info, tiny_cfg):
         assert hf["metrics"][k] == vl["metrics"][k], k
     # HS and FA are functions of the generations alone: recompute them from the vLLM samples.
     hs_rows = rows_vl["samples_hs_beavertails_eval.jsonl"]
-    labels = JUDGES.get("keyword")().predict([r["prompt"] for r in hs_rows], [r["answer"] for r in hs_rows])
+    labels = get_judge("keyword")().predict([r["prompt"] for r in hs_rows], [r["answer"] for r in hs_rows])
     assert vl["metrics"]["hs"] == 100.0 * sum(lab["flagged"] for lab in labels) / len(labels)
     fa_rows = rows_vl["samples_fa_sst2.jsonl"]
     assert vl["metrics"]["fa"] == 100.0 * sum(score("sst2", r["answer"], r["label"]) for r in fa_rows) / len(fa_rows)
@@ -213,7 +214,7 @@ def test_vllm_cell_matches_hf_cell_on_tiny(vllm_info, tiny_cfg):
 @pytest.mark.vllm
 def test_vllm_serves_the_lora_adapter(vllm_info, tiny_model, tmp_path):
     """A peft model is saved as its adapter and served with a LoRARequest on its base folder."""
-    from cwac.pipeline import apply_lora
+    from cwac.experiment.cell import apply_lora
 
     model, tok, fmt, cfg = tiny_model
     base_path = model.config._name_or_path

@@ -67,7 +67,7 @@ def test_paper_and_cpu_forms(name):
         assert models == (PAPER_MODELS - {"mistral_7b_instruct"} if name.startswith("ablation") else
                           {"llama2_7b_chat"} if name.startswith("ratio") else PAPER_MODELS)
         assert (cfg.harmful.n_total, cfg.training.epochs, cfg.training.micro_batch_size, cfg.training.max_len) == \
-            (5000, 3, 1, 512)                                        # paper.md §6.3
+            (5000, 3, 1, 512)                                        # docs/method.md §6.3
         assert cfg.harmful.source == "hub" and cfg.offline is False  # 500+ harmful rows need the hub split
     else:
         assert models == {"smollm2_135m"} and cfg.harmful.n_total == 400 and cfg.training.epochs == 1

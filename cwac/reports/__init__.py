@@ -1,0 +1,1 @@
+"""Tables and plots of the reproduction, rebuilt from run records by ``python -m cwac.reports.build``."""

@@ -1,0 +1,210 @@
+"""Regenerate every table and plot from run records, in one command.
+
+    python -m cwac.reports.build                          # reads runs/, writes results/
+    python -m cwac.reports.build --runs runs /scratch/cwac/runs --out results
+    python -m cwac.reports.build --main-p 0.2 --decimals 2 --ignore eval.batch_size
+
+Reads every ``record.json`` under the runs folders (never W&B), keeps the complete
+fine-tuning records, and writes
+
+* ``results/tables/{main,ablation,ratio-<model>-<task>}[-s<setting>].{md,tex}``,
+* ``results/plots/{hs_vs_p,fa_vs_hs}-<model>-<task>*.png`` and
+  ``results/plots/curves-<model>-<task>-p<p>*.png``,
+* ``results/tables/timings.md``: every cell's seconds per phase and the host it ran on,
+* ``results/index.md``: every table, links to the plots, what is missing (failed and
+  unfinished cells), the command and the date.
+
+Records whose configs differ beyond the table axes (another budget, judge, training
+recipe) form separate *settings*; the largest one gets the plain file names, the others a
+``-s<hash>`` suffix and a caption saying how they differ. ``tables/`` and ``plots/`` are
+rewritten from scratch on every build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from cwac.reports import plots
+from cwac.reports.collect import Coverage, Result, flatten, load_results, setting_diff
+from cwac.reports.tables import (ABLATION, ABLATION_ONLY, Table, ratio_table, task_table, timings_markdown, to_latex,
+                            to_markdown)
+
+
+def slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", s).strip("_")
+
+
+def describe_setting(r: Result, seeds: list[int]) -> str:
+    """Caption text for the protocol a table's records share."""
+    c = flatten(r.config)
+
+    def g(k, default="?"):
+        v = c.get(k, default)
+        return "all" if v is None else v
+
+    sets = c.get("eval.hs_sets") or []
+    hs_n = g("eval.hs_n")
+    fa_n = c.get("eval.fa_n")
+    regime = "LoRA" if c.get("training.lora.enabled") else "full fine-tuning"
+    parts = [
+        f"n = {g('harmful.n_total')} fine-tuning rows ({g('harmful.source')} harmful pairs)",
+        f"{regime}, {g('training.epochs')} epoch(s), lr {g('training.lr')}, "
+        f"batch {g('training.micro_batch_size')}x{g('training.gradient_accumulation_steps')}, "
+        f"max_len {g('training.max_len')}",
+        f"HS: {g('judge.name')} judge on {', '.join(map(str, sets)) or '?'} ({hs_n} prompts per set, "
+        f"{g('eval.hs_max_new_tokens')} new tokens)",
+        f"FA: {'protocol counts' if fa_n is None else fa_n} rows per task",
+    ]
+    return "; ".join(parts) + f"; seeds {', '.join(map(str, sorted(set(seeds))))}"
+
+
+ROOT = Path(__file__).resolve().parents[2]
+README_BEGIN = "<!-- BEGIN results/tables/main.md"
+README_END = "<!-- END results/tables/main.md -->"
+
+
+def splice_readme(readme: Path, table_md: str) -> None:
+    """Put ``table_md`` (the built main table) between the README's two markers, so that its
+    headline results are the generated table, never hand-copied numbers."""
+    text = readme.read_text()
+    a, b = text.find(README_BEGIN), text.find(README_END)
+    if a < 0 or b < a:
+        raise ValueError(f"{readme} lacks the markers {README_BEGIN!r} ... {README_END!r}")
+    start = text.index("\n", a) + 1
+    readme.write_text(text[:start] + table_md.rstrip("\n") + "\n" + text[b:])
+
+
+LEGEND = ("Mean ± std over seeds (n = number of seeds; a single seed shows its value); "
+          "bold = best per column within each model (FA highest, HS lowest).")
+
+
+def build(roots: list[Path], out: Path, main_p: float = 0.1, decimals: int = 1, ignore: tuple[str, ...] = (),
+          make_plots: bool = True, command: str | None = None) -> dict:
+    """Write tables, plots and ``index.md`` into ``out``; return what was written."""
+    results, cov = load_results(roots, ignore)
+    tdir, pdir = out / "tables", out / "plots"
+    for d, exts in ((tdir, ("*.md", "*.tex")), (pdir, ("*.png",))):
+        d.mkdir(parents=True, exist_ok=True)
+        for ext in exts:
+            for f in d.glob(ext):
+                f.unlink()
+
+    settings = [s for s, _ in Counter(r.setting for r in results).most_common()]
+    tables: list[Table] = []
+    plot_files: list[Path] = []
+    for si, setting in enumerate(settings):
+        rs = [r for r in results if r.setting == setting]
+        suffix = "" if si == 0 else f"-s{setting}"
+        caption = LEGEND + " Setting: " + describe_setting(rs[0], [r.seed for r in rs]) + "."
+        if si > 0:
+            diff = setting_diff(results, setting, settings[0], ignore)
+            shown = "; ".join(f"{k} = {a} (main setting: {b})" for k, (a, b) in list(diff.items())[:8])
+            caption += f" Differs from the main setting in: {shown}{' ...' if len(diff) > 8 else ''}."
+        at_p = [r for r in rs if abs(r.p - main_p) < 1e-9]
+        t = task_table(at_p, f"main{suffix}", f"Main results at p = {main_p:g} (paper §7.1 layout)", caption,
+                       lambda m: m.partition(" [")[0] not in ABLATION_ONLY)
+        if t:
+            tables.append(t)
+        if any(r.method.partition(" [")[0] in ABLATION_ONLY for r in at_p):
+            t = task_table(at_p, f"ablation{suffix}", f"Component ablation at p = {main_p:g} (paper §7.4 layout)",
+                           caption, lambda m: m.partition(" [")[0] in ABLATION)
+            if t:
+                tables.append(t)
+        pairs = sorted({(r.model, r.task) for r in rs})
+        for model, task in pairs:
+            t = ratio_table(rs, model, task, f"ratio-{slug(model)}-{slug(task)}{suffix}",
+                            caption + " Averages are over the p columns shown, per seed, for the seeds that every "
+                            "column has (a column can show more seeds than its average uses).")
+            if t:
+                tables.append(t)
+        if not make_plots:
+            continue
+        for model, task in pairs:
+            stem = f"{slug(model)}-{slug(task)}{suffix}"
+            for kind, fn in (("hs_vs_p", plots.hs_vs_p), ("fa_vs_hs", plots.fa_vs_hs)):
+                f = pdir / f"{kind}-{stem}.png"
+                if fn(rs, model, task, f):
+                    plot_files.append(f)
+            for p in sorted({r.p for r in rs if r.model == model and r.task == task}):
+                f = pdir / f"curves-{slug(model)}-{slug(task)}-p{p:g}{suffix}.png"
+                if plots.curves(rs, model, task, p, f):
+                    plot_files.append(f)
+
+    for t in tables:
+        (tdir / f"{t.name}.md").write_text(to_markdown(t, decimals))
+        (tdir / f"{t.name}.tex").write_text(to_latex(t, decimals))
+    timings = timings_markdown(results)
+    if timings:
+        (tdir / "timings.md").write_text(timings)
+    (out / "index.md").write_text(index_md(tables, plot_files, cov, results, out, decimals, command, timings))
+    return {"tables": [t.name for t in tables] + (["timings"] if timings else []),
+            "plots": [p.name for p in plot_files], "coverage": cov, "n_results": len(results)}
+
+
+def index_md(tables: list[Table], plot_files: list[Path], cov: Coverage, results: list[Result], out: Path,
+             decimals: int, command: str | None, timings: str | None = None) -> str:
+    commits = Counter(f"{(r.git.get('commit') or 'unknown')[:10]}{'+dirty' if r.git.get('dirty') else ''}"
+                      for r in results)
+    finished = sorted(r.finished for r in results if r.finished)
+    lines = ["# Results", "",
+             f"Generated by `{command or 'python -m cwac.reports.build'}` on {time.strftime('%Y-%m-%d %H:%M')} "
+             f"from {cov.complete} complete fine-tuning records (tables and plots come from `record.json` and "
+             "`train_log.jsonl` files only). Do not edit: rerun the command.", ""]
+    if results:
+        lines += [f"Runs finished between {finished[0] if finished else '?'} and {finished[-1] if finished else '?'}; "
+                  "code commits: " + ", ".join(f"`{c}` ({n})" for c, n in commits.most_common()) + ".", ""]
+    if not tables:
+        lines += ["No complete fine-tuning records found.", ""]
+    for t in tables:
+        lines += [to_markdown(t, decimals), f"Files: [tables/{t.name}.md](tables/{t.name}.md), "
+                  f"[tables/{t.name}.tex](tables/{t.name}.tex)", ""]
+    if timings:
+        lines += [timings, "File: [tables/timings.md](tables/timings.md)", ""]
+    if plot_files:
+        lines += ["## Plots", ""] + [f"- [{p.name}]({p.relative_to(out)})" for p in plot_files] + [""]
+    lines += ["## Coverage", "",
+              f"- complete fine-tuning records: {cov.complete}; complete records of other stages (align): "
+              f"{cov.skipped_stage}",
+              f"- failed cells (rerun by relaunching the sweep): {len(cov.failed)}",
+              f"- unfinished cells (killed or still running; rerun by relaunching): {len(cov.unfinished)}"]
+    for f in cov.failed:
+        lines.append(f"  - failed `{f['cell']}`: {str(f.get('error'))[:200]}")
+    for f in cov.unfinished:
+        lines.append(f"  - unfinished `{f['cell']}` (started {f.get('started')})")
+    if cov.duplicates:
+        lines.append(f"- duplicate records of the same cell (newest kept): {len(cov.duplicates)}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cwac.reports.build", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", nargs="+", default=["runs"], help="runs folders to read (searched recursively)")
+    ap.add_argument("--out", default=str(ROOT / "results"), help="output folder (default: results/)")
+    ap.add_argument("--main-p", type=float, default=0.1, help="harmful ratio of the main and ablation tables")
+    ap.add_argument("--decimals", type=int, default=1)
+    ap.add_argument("--ignore", nargs="*", default=[], help="dotted config keys that must not split settings")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    for r in args.runs:
+        if not Path(r).is_dir():
+            ap.error(f"runs folder {r!r} does not exist; pass the folder your sweeps wrote (paths.runs)")
+    command = "python -m cwac.reports.build " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    res = build([Path(r) for r in args.runs], Path(args.out), args.main_p, args.decimals, tuple(args.ignore),
+                not args.no_plots, command.strip())
+    main_table = Path(args.out) / "tables" / "main.md"
+    if Path(args.out).resolve() == (ROOT / "results").resolve() and main_table.exists():
+        splice_readme(ROOT / "README.md", main_table.read_text())   # the README's headline table
+    cov = res["coverage"]
+    print(f"{res['n_results']} complete records -> {len(res['tables'])} tables, {len(res['plots'])} plots in "
+          f"{args.out} ({len(cov.failed)} failed, {len(cov.unfinished)} unfinished cells; see index.md)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,1 +1,0 @@
-"""Tables and plots of the reproduction, rebuilt from run records by ``python -m results.build``."""
