@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from cwac.modeling import LINEAR_TARGETS
+from cwac.models import locate_weights
 
 
 def adapted_targets(targets, training_cfg) -> list[str]:
@@ -30,16 +31,16 @@ def adapted_targets(targets, training_cfg) -> list[str]:
 
 
 def checkpoint_folder(path: str, hub_ok: bool) -> Path:
-    """Local folder of a checkpoint (downloading the safetensors from the hub only when allowed)."""
+    """Local folder of a checkpoint: a folder, or a hub id's snapshot (downloading the safetensors
+    only when allowed; offline, from the local Hugging Face cache, ``cwac.models.locate_weights``)."""
     p = Path(path)
     if p.exists():
         return p
     if not hub_ok:
-        raise FileNotFoundError(f"checkpoint {path} is not a local folder and the run is offline; "
-                                "download it first or set offline=false")
+        locate_weights(path, "checkpoint", "model.path or model.base_path", offline=True)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
+    return Path(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"], local_files_only=not hub_ok))
 
 
 def read_tensors(path: str, names: list[str], hub_ok: bool = False, dtype=torch.float32) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ import torch
 from cwac.modeling import unwrap_engine
 from baselines._data import alignment_pool
 from cwac.data.examples import Example
-from cwac.data.prompts import collate_train, pad_id
+from cwac.data.prompts import batch_rows, collate, is_packed, pad_id
 from cwac.api import LossOutput, Method
 
 ALIGN, FINETUNE = 1, 0
@@ -85,12 +85,12 @@ class Lisa(Method):
     def replace_batch(self, batch: dict, step: int) -> dict:
         if self.state(step) != ALIGN:
             return batch
-        mb = batch["input_ids"].shape[0]
+        mb = batch_rows(batch)
         rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
                        if torch.distributed.is_initialized() else (0, 1))
         ids = [self.order[(self.cursor + rank * mb + i) % len(self.order)] for i in range(mb)]
         self.cursor += mb * world
-        return collate_train([self.pool[i] for i in ids], self.pad)
+        return collate([self.pool[i] for i in ids], self.pad, packed=is_packed(batch))   # as the batch it replaces
 
     def _trainable(self, model) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in unwrap_engine(model).named_parameters() if p.requires_grad}

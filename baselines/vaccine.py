@@ -45,6 +45,12 @@ class Vaccine(Method):
                                  "model.align=true (our alignment stage).")
         self.last_eps: list[torch.Tensor] = []  # the perturbation of the latest micro-batch (inspection, tests)
 
+    def packing_unsupported(self) -> str | None:
+        if self.ctx.stage == "align" and self.cfg.norm == "example":
+            return ("Vaccine's per-example perturbation norm (method.norm=example) needs one example per batch "
+                    "row; packed batches hold several in one row")
+        return None
+
     def perturbation(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """eps_l = rho * G_l / (||G|| + 1e-7), the norm over layers, tokens and batch (or per example)."""
         if self.cfg.norm == "batch":

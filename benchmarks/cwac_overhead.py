@@ -16,9 +16,15 @@ trains the same rows from a fresh copy of the start model through the project's 
 (``cwac.trainer.train``); a step's time is the wall time between the ends of consecutive
 optimizer steps (forward, backward, step and the method's ``after_step``), warm-up steps
 dropped, median over the rest. Configurations are interleaved ``--repeats`` times so that load
-from other processes hits all of them alike. The one-off builds go to a fresh temporary
-artifact folder (the start model is read from ``--artifacts``). Writes
-``results/benchmarks/cwac_overhead_<model>.json``.
+from other processes hits all of them alike. CWAC's offline pieces are reused from ``--artifacts``
+(any organism CWAC cell builds them; built there once when missing); ``--fresh-artifacts`` builds
+them in a temporary folder to measure their one-off cost. The JSON holds each configuration's
+median step and its ratio to SFT's, a breakdown of CWAC's extra cost by difference (activation
+term, weight projection, diagnostics) and packed / padded step ratios (fine-tuning, CWAC, the
+alignment stage). Writes ``results/benchmarks/cwac_overhead_<model>.json``.
+
+    python benchmarks/cwac_overhead.py --model smollm2_135m --threads 2 --steps 12 --repeats 2 \
+        --configs sft,sft_padded,cwac,cwac_padded,cwac_nodiag,cwac_weight_only,cwac_act_only,align,align_padded
 """
 
 from __future__ import annotations
@@ -36,15 +42,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# name -> extra overrides of the method node (all on top of method=<method>)
+# name -> (method, extra overrides). Under budget=cpu training.packing is on (packed batches, and
+# CWAC's regulariser prompts packed with the template's shared start once); "_padded" turns it off.
 CONFIGS = {
     "sft": ("sft", []),
+    "sft_padded": ("sft", ["training.packing=false"]),
     "cwac": ("cwac", []),
-    "cwac_update": ("cwac", ["method.weight.mode=update"]),
+    "cwac_padded": ("cwac", ["training.packing=false"]),
+    "cwac_nodiag": ("cwac", ["method.diagnostics.grad_norm_every=0", "method.diagnostics.leak_every=0"]),
     "cwac_weight_only": ("cwac_weight_only", []),
-    "cwac_weight_only_update": ("cwac_weight_only", ["method.weight.mode=update"]),
     "cwac_act_only": ("cwac_act_only", []),
+    "cwac_update": ("cwac", ["method.weight.mode=update"]),
+    "cwac_weight_only_update": ("cwac_weight_only", ["method.weight.mode=update"]),
     "cwac_all_linear_update": ("cwac", ["method.weight.targets=all", "method.weight.mode=update"]),
+    # the alignment stage's step (its rows and training node), packed and padded
+    "align": ("sft", []),
+    "align_padded": ("sft", ["training.packing=false"]),
     # the training step before 2026-11-29 (A/B of the loop's own speed-ups, on SFT)
     "sft_loop_adamw": ("sft", ["training.fused_adamw=false"]),
     "sft_full_head": ("sft", []),
@@ -52,6 +65,8 @@ CONFIGS = {
     # bf16 weights and activations, fp32 master weights in DeepSpeed's optimizer (a candidate lever)
     "sft_bf16": ("sft", ["training.precision=bf16"]),
 }
+DEFAULT_CONFIGS = "sft,sft_padded,cwac,cwac_padded,cwac_nodiag,cwac_weight_only,cwac_act_only"
+ALIGN_CONFIGS = ("align", "align_padded")
 
 
 def _full_head_loss(self, model, batch):
@@ -75,6 +90,8 @@ def compose(overrides: list[str]):
 def time_config(name: str, method_name: str, extra: list[str], args, model_path: str, bench_store, rows_cache: dict):
     """Per-step seconds of one configuration (after warm-up) and, for CWAC, its prepare info."""
     import torch
+    from omegaconf import OmegaConf
+
     from cwac.api import TrainContext
     from cwac.data.mix import build_finetune_mix
     from cwac.experiment.plugins import get_method
@@ -86,8 +103,18 @@ def time_config(name: str, method_name: str, extra: list[str], args, model_path:
                    f"training.max_steps={steps}", "training.epochs=100", "training.progress=false",
                    *args.override, *extra])
     model, tok, fmt = load_chat_model(model_path, cfg.model)
-    if "rows" not in rows_cache:
-        rows_cache["rows"] = build_finetune_mix(cfg.task.name, cfg.harmful.n_total, cfg.harmful.ratio, cfg.seed)
+    tc = cfg.training
+    if name in ALIGN_CONFIGS:   # the alignment stage's rows and training node
+        from cwac.alignment import alignment_rows, alignment_training
+
+        tc = OmegaConf.merge(alignment_training(cfg), {"max_steps": steps, "epochs": 100, "progress": False})
+        if "align_rows" not in rows_cache:
+            rows_cache["align_rows"] = alignment_rows(cfg.alignment, cfg.alignment.seed)
+        rows = rows_cache["align_rows"]
+    else:
+        if "rows" not in rows_cache:
+            rows_cache["rows"] = build_finetune_mix(cfg.task.name, cfg.harmful.n_total, cfg.harmful.ratio, cfg.seed)
+        rows = rows_cache["rows"]
     ctx = TrainContext.from_config(cfg, tokenizer=tok, formatter=fmt, store=bench_store, run_dir=Path(args.tmp),
                                       start_model_path=model_path)
     method = get_method(cfg.method.name)(cfg.method, ctx)
@@ -103,7 +130,7 @@ def time_config(name: str, method_name: str, extra: list[str], args, model_path:
 
     method.after_step = timed_after_step
     torch.manual_seed(cfg.seed)
-    res = fit(method, model, rows_cache["rows"], cfg.training, tokenizer=tok, formatter=fmt, seed=cfg.seed, desc=name)
+    res = fit(method, model, rows, tc, tokenizer=tok, formatter=fmt, seed=cfg.seed, desc=name)
     prepare_s = res.prepare_seconds
     per_step = [b - a for a, b in zip(marks, marks[1:])][max(0, args.warmup - 1):]
     info = method.record_info() if hasattr(method, "info") else {}
@@ -117,7 +144,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a loaded 2-core box)")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated subset of " + ",".join(CONFIGS))
+    ap.add_argument("--fresh-artifacts", action="store_true",
+                    help="build CWAC's offline pieces in a temporary store (measures their one-off cost) instead of "
+                         "reusing the ones under --artifacts (built by any organism CWAC cell)")
     ap.add_argument("--artifacts", default=os.environ.get("CWAC_ARTIFACTS", str(ROOT / "artifacts")),
                     help="where the start model (tiny / aligned organism) lives")
     ap.add_argument("--out", default=str(ROOT / "results" / "benchmarks"))
@@ -143,7 +173,7 @@ def main() -> None:
     model_path, _ = start_model(base, ArtifactStore(args.artifacts), build=False)   # never trains the alignment stage
     with tempfile.TemporaryDirectory(prefix="cwac_bench_") as tmp:
         args.tmp = tmp
-        bench_store = ArtifactStore(Path(tmp) / "artifacts")
+        bench_store = ArtifactStore(Path(tmp) / "artifacts" if args.fresh_artifacts else args.artifacts)
         rows: dict = {}
         times: dict[str, list[float]] = {n: [] for n in names}
         first_prepare: dict[str, float] = {}
@@ -169,7 +199,19 @@ def main() -> None:
         med = statistics.median(times[n])
         result["configs"][n] = {"method": CONFIGS[n][0], "overrides": CONFIGS[n][1], "median_step_s": round(med, 5),
                                 "mean_step_s": round(statistics.mean(times[n]), 5), "n_steps": len(times[n]),
+                                "ratio_vs_sft": round(med / sft, 3) if sft else None,
                                 "overhead_vs_sft_pct": round(100 * (med / sft - 1), 1) if sft else None}
+    med = {n: result["configs"][n]["median_step_s"] for n in names}
+
+    def share(a: str, b: str) -> float | None:   # (a - b) as a fraction of SFT's step
+        return round((med[a] - med[b]) / sft, 3) if sft and a in med and b in med else None
+
+    result["breakdown_vs_sft_step"] = {    # by difference of configurations timed side by side
+        "activation_term": share("cwac_act_only", "sft"), "weight_projection": share("cwac_weight_only", "sft"),
+        "diagnostics": share("cwac", "cwac_nodiag"), "cwac_total": share("cwac", "sft")}
+    result["packed_vs_padded"] = {a: round(med[a] / med[b], 3) for a, b in
+                                  (("sft", "sft_padded"), ("cwac", "cwac_padded"), ("align", "align_padded"))
+                                  if a in med and b in med}
     for n in names:  # one-off costs: the first configuration that built each artifact
         info = infos.get(n) or {}
         for part in ("subspace", "sae", "latents"):

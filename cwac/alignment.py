@@ -94,6 +94,8 @@ def alignment_key(cfg: DictConfig, base_path_key: dict) -> dict:
         tc.pop(k, None)
     if not tc["lora"]["enabled"]:
         tc["lora"] = {"enabled": False}
+    if not tc.get("packing"):   # padded batches, as every organism up to v5 trained: their keys stand
+        tc.pop("packing", None)
     return {"base": base_path_key, "alignment": OmegaConf.to_container(cfg.alignment, resolve=True),
             "training": tc, "dtype": cfg.model.dtype, "prompt_format": cfg.model.prompt_format,
             "system_prompt": cfg.model.system_prompt}

@@ -12,6 +12,7 @@ hook                       when                                                 
 ``configure_model``        once, before the DeepSpeed engine is built            SPPFT (freezing)
 ``grad_hooks``             per-parameter gradient transforms (tensor hooks, so   CWAC (grad mode)
                            they act before ZeRO reduction/partitioning)
+``packing_unsupported``    once: why packed batches would change the method      Vaccine (per-example norm)
 ``replace_batch``          each micro-batch                                      Lisa
 ``compute_loss``           each micro-batch: named loss terms                    every regulariser
 ``after_step``             after each optimizer step                             CWAC (update mode), Lisa
@@ -115,6 +116,11 @@ class Method:
 
     def grad_hooks(self, model: torch.nn.Module) -> dict[torch.nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]:
         return {}
+
+    def packing_unsupported(self) -> str | None:
+        """Why this method cannot train on packed batches (``training.packing``), or None when it
+        can. The loop then trains on padded batches and the record says so."""
+        return None
 
     def replace_batch(self, batch: dict, step: int) -> dict:
         return batch

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from filelock import FileLock
 
-from cwac.utils import atomic_write_json, host_info, stable_hash
+from cwac.utils import atomic_write_json, host_info, share_modes, stable_hash
 
 log = logging.getLogger(__name__)
 META = "artifact.json"
@@ -64,6 +64,7 @@ class ArtifactStore:
                 atomic_write_json(tmp / META, {"kind": kind, "hash": final.name, "key": key,
                                                "build_seconds": round(time.time() - t0, 2), "host": host_info(),
                                                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "meta": meta})
+                share_modes(tmp)   # safetensors weights are written 0600; a shared store needs the umask's mode
                 os.replace(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -109,16 +110,53 @@ def resolve_model_path(model_cfg: DictConfig, store: ArtifactStore) -> str:
     raise ValueError(f"model.source must be tiny, gguf or hub, got {src!r}")
 
 
-def load_model(path: str, dtype: str = "float32", hub_ok: bool = False):
-    """(model, tokenizer) from a local folder or, when ``hub_ok``, a hub id."""
+def hub_offline() -> bool:
+    """The hub is switched off for this process (``HF_HUB_OFFLINE``, set by ``offline=true``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+def locate_weights(weights: str, what: str, key: str, *, offline: bool | None = None,
+                   revision: str | None = None, other_fix: str = "") -> str:
+    """Where ``from_pretrained`` can load ``weights`` from, checked in milliseconds: a local
+    folder (it must hold config.json), or a hub id, which offline (``offline``; None reads
+    ``HF_HUB_OFFLINE``) must already be in the local Hugging Face cache.
+
+    ``what`` names the weights in messages ("model", "beaver_dam judge weights"), ``key`` is
+    the config key that sets them. Raises FileNotFoundError naming the weights, the key and the
+    fixes. The model loader and the model judges (``eval.model_judges``) both check here."""
+    fixes = (f"run with offline=false to download it, or download it once (`hf download {weights} "
+             f"--local-dir DIR`; gated repos need `hf auth login`) and pass {key}=DIR{other_fix}")
+    p = Path(os.path.expanduser(weights))
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"{what} folder {p} ({key}) has no config.json: it is not a Hugging Face "
+                                    f"model folder")
+        return str(p)
+    if weights.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{what} folder {weights} ({key}) does not exist; {fixes}")
+    if hub_offline() if offline is None else offline:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(weights, "config.json", revision=revision)
+        if not isinstance(cached, str):
+            raise FileNotFoundError(f"{what} {weights!r} ({key}) is a hub id, and the run is offline (offline=true, "
+                                    f"HF_HUB_OFFLINE=1); it is not in the local Hugging Face cache "
+                                    f"({constants.HF_HUB_CACHE}). Fix: {fixes}")
+    return weights
+
+
+def load_model(path: str, dtype: str = "float32", hub_ok: bool = False, key: str = "model.path"):
+    """(model, tokenizer) from a local folder or a hub id: downloaded when ``hub_ok``, else read
+    from the local Hugging Face cache (``locate_weights``; ``key`` is the config key named in
+    its error)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if not Path(path).exists() and not hub_ok:
-        raise FileNotFoundError(f"model path {path} does not exist")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    where = locate_weights(path, "model", key, offline=not hub_ok)
+    kw = {} if hub_ok or Path(where).exists() else {"local_files_only": True}   # offline: the cache only
+    tok = AutoTokenizer.from_pretrained(where, **kw)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], **kw)
     if tok.pad_token is None:  # reuse EOS for padding instead of resizing the vocabulary
         tok.pad_token = tok.eos_token
     return model, tok

@@ -3,6 +3,7 @@
 Each run folder gets exactly one ``record.json`` written atomically at the end: status
 ``complete`` (with metrics) or ``failed`` (with the error). A killed run leaves only
 ``started.json``, never a record that looks complete. Tables are built from records only.
+A record is reused only for the same config hash and the same data (its data fingerprint).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from pathlib import Path
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from cwac.utils import atomic_write_json, stable_hash
+from cwac.data.files import changed_data_files
+from cwac.utils import atomic_write_json, stable_hash, strict_json
 
 RECORD = "record.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: records carry their data fingerprint (``data.files``) and a ``run_id``
 # Config sections that do not change what a run computes (where things go, how it is logged).
 NON_SEMANTIC = ("paths", "logger", "skip_complete", "sweep_name", "threads")
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate", "datasets", "hydra-core", "sae-lens",
@@ -73,21 +75,73 @@ def read_record(run_dir: str | Path) -> dict | None:
         return None
 
 
-def is_complete(run_dir: str | Path, chash: str | None = None) -> bool:
+def reuse_verdict(run_dir: str | Path, chash: str | None = None) -> tuple[bool, str]:
+    """(whether the record in ``run_dir`` may be reused for config hash ``chash``, and why not).
+
+    Reusable: status ``complete``, the same config hash, and the same data: every data file the
+    record lists in its fingerprint (``data.files``, sha256 per file) still has that content. A
+    record written before fingerprints existed is reused only when git shows that ``data/`` is
+    the same now as at its clean commit."""
     r = read_record(run_dir)
-    return bool(r and r.get("status") == "complete" and (chash is None or r.get("config_hash") == chash))
+    if not r:
+        return False, "no record"
+    if r.get("status") != "complete":
+        return False, f"its record has status {r.get('status')!r}"
+    if chash is not None and r.get("config_hash") != chash:
+        return False, f"its record has config hash {r.get('config_hash')}, this config {chash}"
+    files = (r.get("data") or {}).get("files")
+    if files is None:
+        if not _data_unchanged_since(r.get("git") or {}):
+            return False, ("its record predates data fingerprints and git cannot show that data/ is unchanged "
+                           "since its commit")
+        return True, ""
+    changed = changed_data_files(files)
+    if changed:
+        return False, f"its record was made on other data: {', '.join(changed)} changed since"
+    return True, ""
 
 
-def write_record(run_dir: Path, record: dict, index_path: Path | None) -> None:
+def _data_unchanged_since(git: dict) -> bool:
+    commit = git.get("commit")
+    if not commit or git.get("dirty") is not False:
+        return False
+    root = Path(__file__).resolve().parents[1]
+    try:
+        r = subprocess.run(["git", "diff", "--quiet", commit, "--", "data"], cwd=root, capture_output=True,
+                           timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0
+
+
+def is_complete(run_dir: str | Path, chash: str | None = None) -> bool:
+    """A complete record for ``chash`` on the current data (``reuse_verdict``)."""
+    return reuse_verdict(run_dir, chash)[0]
+
+
+def write_record(run_dir: Path, record: dict, index_path: Path | None, name: str = RECORD) -> None:
+    """Write ``record`` atomically as ``run_dir/<name>`` and append its row to the index, once per
+    run (a row whose ``run_id`` is already in the index is not written again)."""
     record = {"schema_version": SCHEMA_VERSION, **record}
-    atomic_write_json(run_dir / RECORD, record)
+    atomic_write_json(run_dir / name, record)
     if index_path is not None:
-        row = {k: record.get(k) for k in ("run_dir", "status", "config_hash", "cell", "finished")}
-        row.update({k: record.get("metrics", {}).get(k) for k in ("hs", "fa", "over_refusal")})
-        index_path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(index_path) + ".lock"):
-            with open(index_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        append_index(index_path, record)
+
+
+def append_index(index_path: Path, record: dict) -> None:
+    row = {k: record.get(k) for k in ("run_dir", "run_id", "status", "config_hash", "cell", "finished")}
+    row.update({k: record.get("metrics", {}).get(k) for k in ("hs", "fa", "over_refusal")})
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(index_path) + ".lock"):
+        if row["run_id"] is not None and index_path.exists():
+            for line in index_path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("run_id") == row["run_id"]:
+                        return
+                except json.JSONDecodeError:
+                    continue
+        with open(index_path, "a") as f:
+            f.write(strict_json(row) + "\n")
 
 
 def now() -> str:

@@ -8,7 +8,8 @@ composed config itself is left as it is, so the schemas change no config hash.
 
 The training node's schema is ``TrainingConfig``; a method's own node is checked against the
 ``schema`` attribute of its ``Method`` class (``cwac.constraints.method.CWAC.schema`` is
-``CWACConfig``).
+``CWACConfig``). ``CHOICES`` lists every enumerated setting with its valid values, and
+``check_choices`` refuses any other value, naming the key, the value and the valid ones.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class TrainingConfig:
     zero_stage: int = MISSING
     precision: str = MISSING
     loss_reduction: str = MISSING
+    packing: bool = MISSING
     epochs: int = MISSING
     micro_batch_size: int = MISSING
     gradient_accumulation_steps: int = MISSING
@@ -167,6 +169,46 @@ class CWACConfig:
     activation: CWACActivation = field(default_factory=CWACActivation)
     sae: CWACSAE = field(default_factory=CWACSAE)
     diagnostics: CWACDiagnostics = field(default_factory=CWACDiagnostics)
+
+
+#: every enumerated setting of the experiment config -> its valid values (each is what the code that
+#: reads it accepts; ``cwac.experiment.preflight`` checks them all before a model loads)
+CHOICES: dict[str, tuple] = {
+    "stage": ("finetune", "align"),
+    "model.source": ("tiny", "gguf", "hub"),
+    "model.dtype": ("float32", "bfloat16", "float16"),   # cwac.models.DTYPES
+    "model.prompt_format": ("chat", "alpaca"),
+    "task.source": ("local", "hub"),
+    "harmful.source": ("local", "hub"),
+    "training.precision": ("fp32", "bf16", "fp16"),
+    "training.zero_stage": (0, 1, 2, 3),
+    "training.lr_schedule": ("constant", "linear", "cosine"),
+    "training.loss_reduction": ("sequence", "token"),
+    "eval.backend": ("hf", "vllm", "auto"),
+    "eval.fa_match": ("exact", "substring"),
+    "eval.fa_split": ("eval", "heldout"),
+    "logger.name": ("wandb", "none"),
+}
+
+
+class ConfigError(ValueError):
+    """A config value that no code path accepts; the message names the key, the value and the fix."""
+
+
+def _show(values) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def check_choices(cfg: DictConfig, choices: dict[str, tuple] = CHOICES, prefix: str = "") -> None:
+    """Raise ``ConfigError`` for the first key of ``choices`` whose value in ``cfg`` is not one of
+    its valid values (keys absent from ``cfg`` are skipped; ``prefix`` is prepended in messages)."""
+    for key, valid in choices.items():
+        value = OmegaConf.select(cfg, key, default="__absent__")
+        if isinstance(value, str) and value == "__absent__":
+            continue
+        ok = value in valid and (isinstance(value, bool) == any(isinstance(v, bool) for v in valid))
+        if not ok:
+            raise ConfigError(f"config {prefix}{key}={value!r} is not valid; valid values: {_show(valid)}")
 
 
 def check_node(node: DictConfig, schema: type, where: str) -> None:

@@ -1,12 +1,14 @@
 """Run logging: a local ``train_log.jsonl`` always (tables and curves come from files, never
 from W&B), plus W&B when ``logger=wandb`` (offline by default, its files inside the run
-folder). The W&B run is grouped by sweep and tagged by the cell's axes."""
+folder). The W&B run is grouped by sweep and tagged by the cell's axes. The log is strict JSON:
+a non-finite value is written as null and its key listed under ``nonfinite``."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from cwac.utils import strict_json
 
 
 class RunLogger:
@@ -34,7 +36,7 @@ class RunLogger:
     def log(self, data: dict, step: int | None = None) -> None:
         if self._f is None:
             return
-        self._f.write(json.dumps({"step": step, **data}) + "\n")
+        self._f.write(strict_json({"step": step, **data}) + "\n")   # NaN -> null, listed under "nonfinite"
         self._f.flush()
         if self.wandb is not None:
             self.wandb.log(data, step=step)

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from cwac.data.prompts import collate_train, pad_id
+from cwac.data.prompts import collate, pad_id
 from cwac.api import Method
 from cwac.data.examples import Example
 from cwac.data.prompts import PromptFormatter
@@ -33,6 +33,16 @@ class TrainResult:
     steps: int
     seconds: float
     history: list[dict] = field(default_factory=list)  # one row per optimizer step
+    packing: dict = field(default_factory=dict)         # requested / used / why not (``packing_plan``)
+
+
+def packing_plan(tc: DictConfig, method: Method) -> dict:
+    """Whether the loop trains on packed batches: ``training.packing``, unless the method says it
+    cannot (``Method.packing_unsupported``), in which case it falls back to padded ones."""
+    why = method.packing_unsupported() if tc.packing else None
+    if why:
+        log.warning("training.packing=true but %s: training on padded batches", why)
+    return {"requested": bool(tc.packing), "used": bool(tc.packing) and why is None, "fallback_reason": why}
 
 
 def _free_port() -> int:
@@ -128,6 +138,36 @@ def grad_norm(params: list[torch.Tensor]) -> float | None:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
 
 
+_LR_HINT = "lower training.lr (or keep training.max_grad_norm > 0), or check the rows it trained on"
+
+
+def check_finite_loss(losses: dict[str, torch.Tensor], step: int) -> None:
+    """Raise FloatingPointError naming the loss term(s) that are not finite at optimizer ``step``
+    (1-based, as in train_log.jsonl)."""
+    bad = [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
+    if bad:
+        vals = {k: float(v.detach()) for k, v in losses.items()}
+        raise FloatingPointError(f"non-finite loss term(s) {', '.join(bad)} at step {step} (1-based, as in "
+                                 f"train_log.jsonl): {vals}; {_LR_HINT}")
+
+
+def check_finite_grad_norm(gn: float, step: int, fp16: bool = False) -> None:
+    """Raise FloatingPointError when the gradient norm of optimizer ``step`` (1-based) is not
+    finite. Under fp16 an overflow is the loss scaler's to skip (the weights are checked after
+    training instead)."""
+    if not math.isfinite(gn) and not fp16:
+        raise FloatingPointError(f"non-finite grad_norm ({gn}) at step {step} (1-based, as in train_log.jsonl): "
+                                 f"the gradients are not finite, so the weights are not either; {_LR_HINT}")
+
+
+def check_finite_weights(model: torch.nn.Module, steps: int) -> None:
+    """Raise FloatingPointError naming the first parameter with a non-finite value after training."""
+    for name, p in model.named_parameters():
+        if p.numel() and not torch.isfinite(p.detach()).all():
+            raise FloatingPointError(f"non-finite weights in {name} after training ({steps} steps): the model "
+                                     f"cannot be evaluated; {_LR_HINT}")
+
+
 def plan_steps(n_examples: int, tc: DictConfig, world: int) -> int:
     global_batch = tc.micro_batch_size * tc.gradient_accumulation_steps * world
     per_epoch = max(1, n_examples // global_batch)  # drop the last partial global batch
@@ -178,6 +218,7 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
     order = batch_order(len(features), tc.epochs, seed)
     mb, acc = tc.micro_batch_size, tc.gradient_accumulation_steps
     pad = pad_id(tokenizer)
+    plan = packing_plan(tc, method)
     history: list[dict] = []
     t0 = time.time()
     pos = 0
@@ -191,13 +232,14 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
                 global_ids = order[pos: pos + mb * world]
                 pos += mb * world
                 ids = global_ids[rank * mb: (rank + 1) * mb]
-                batch = collate_train([features[i] for i in ids], pad)
+                batch = collate([features[i] for i in ids], pad, packed=plan["used"])
                 batch = method.replace_batch(batch, step)
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 out = method.compute_loss(engine, batch, step)
                 loss = out.total
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at step {step}: { {k: float(v) for k, v in out.losses.items()} }")
+                    check_finite_loss(out.losses, step + 1)   # names the term that went bad
+                    raise FloatingPointError(f"non-finite total loss at step {step + 1} (1-based, as in train_log.jsonl)")
                 engine.backward(loss)
                 if own_norm and engine.is_gradient_accumulation_boundary():
                     gn_own = grad_norm(trainable)   # what the optimizer sees: accumulated, all-reduced, projected
@@ -217,15 +259,18 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
             sums["step"] = step + 1
             history.append(sums)
             bar.set_postfix(loss=f"{sums['losses/total']:.3f}")
-            if logger is not None and ((step + 1) % tc.log_every == 0 or step + 1 == steps):
+            finite = math.isfinite(sums.get("grad_norm", 0.0))
+            if logger is not None and ((step + 1) % tc.log_every == 0 or step + 1 == steps or not finite):
                 logger.log({f"{desc}/{k}": v for k, v in sums.items() if k != "step"}, step=step + 1)
+            check_finite_grad_norm(sums.get("grad_norm", 0.0), step + 1, fp16=tc.precision == "fp16")
     finally:
         for h in handles:
             h.remove()
     if int(tc.zero_stage) >= 3:
         unpartition_zero3(engine)
+    check_finite_weights(model, steps)   # once: a NaN update never becomes a complete record
     model.eval()
-    return TrainResult(steps=steps, seconds=time.time() - t0, history=history)
+    return TrainResult(steps=steps, seconds=time.time() - t0, history=history, packing=plan)
 
 
 @dataclass

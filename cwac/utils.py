@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -78,8 +79,47 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def json_safe(obj: Any, where: str = "") -> tuple[Any, list[str]]:
+    """``obj`` with every non-finite float (NaN, inf) replaced by None, and the dotted paths of
+    those values: strict JSON has no NaN, and ``json.dumps`` would write a bare ``NaN``."""
+    bad: list[str] = []
+
+    def walk(o, at):
+        if isinstance(o, float) and not math.isfinite(o):
+            bad.append(at or "<value>")
+            return None
+        if isinstance(o, dict):
+            return {k: walk(v, f"{at}.{k}" if at else str(k)) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [walk(v, f"{at}[{i}]") for i, v in enumerate(o)]
+        return o
+
+    return walk(obj, where), bad
+
+
+def strict_json(obj: Any, **kw) -> str:
+    """Strict JSON text of ``obj``: non-finite floats become null, and a dict that held any gets
+    a ``"nonfinite"`` list naming them (so a null is never mistaken for a missing value)."""
+    safe, bad = json_safe(obj)
+    if bad and isinstance(safe, dict):
+        safe = {**safe, "nonfinite": bad}
+    return json.dumps(safe, allow_nan=False, default=str, **kw)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write_text(path, strict_json(obj, indent=2, sort_keys=False) + "\n")
+
+
+def share_modes(root: str | Path) -> None:
+    """Give every file and folder under ``root`` the mode the umask asks for (0644 / 0755 under
+    umask 022). Some writers (``save_pretrained``'s safetensors, ``mkstemp``) make files 0600,
+    which other users of a shared ``CWAC_ARTIFACTS`` or runs folder could not read."""
+    mask = _umask()
+    root = Path(root)
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def normalize_prompt(text: str) -> str:

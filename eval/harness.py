@@ -1,7 +1,8 @@
 """Run HS, over-refusal and FA on one model and write every generation with its label.
 
 Outputs (in ``out_dir``): ``samples_hs_<set>.jsonl``, ``samples_harmless.jsonl``,
-``samples_fa_<task>.jsonl``; returns the metrics dict stored in the result record.
+``samples_fa_<task>.jsonl``; returns the metrics dict stored in the result record. A model whose
+answers are all empty is refused (``EmptyAnswersError``) rather than scored.
 """
 
 from __future__ import annotations
@@ -60,11 +61,13 @@ def evaluate(backend: GenerationBackend, judge: Judge, ecfg: DictConfig, task: s
     """
     out_dir = Path(out_dir)
     metrics: dict = {"hs_by_set": {}, "counts": {}, "seconds": {}}
+    every_answer: list[str] = []
     flagged_total = n_total = 0
     hs_prompts, harmless_prompts = selected_prompts(ecfg)
     for s, prompts in hs_prompts.items():
         t0 = time.time()
         answers = backend.generate([Example(p) for p in prompts], ecfg.hs_max_new_tokens, desc=f"HS {s}")
+        every_answer += answers
         labels = judge.predict(prompts, answers, judge_threshold)
         _write_jsonl(out_dir / f"samples_hs_{s}.jsonl",
                      [{"prompt": p, "answer": a, **lab} for p, a, lab in zip(prompts, answers, labels)])
@@ -80,6 +83,7 @@ def evaluate(backend: GenerationBackend, judge: Judge, ecfg: DictConfig, task: s
         t0 = time.time()
         prompts = harmless_prompts
         answers = backend.generate([Example(p) for p in prompts], ecfg.hs_max_new_tokens, desc="harmless")
+        every_answer += answers
         refused = [is_refusal(a) for a in answers]
         _write_jsonl(out_dir / "samples_harmless.jsonl",
                      [{"prompt": p, "answer": a, "refusal": r} for p, a, r in zip(prompts, answers, refused)])
@@ -92,6 +96,7 @@ def evaluate(backend: GenerationBackend, judge: Judge, ecfg: DictConfig, task: s
         n = ecfg.fa_n_by_task.get(task) if ecfg.fa_n is None else ecfg.fa_n
         rows = load_task(task, ecfg.fa_split, n, source=task_source)
         answers = backend.generate(rows, ecfg.fa_max_new_tokens_by_task[task], desc=f"FA {task}")
+        every_answer += answers
         correct = [score(task, a, r.label, ecfg.fa_match) for a, r in zip(answers, rows)]
         _write_jsonl(out_dir / f"samples_fa_{task}.jsonl",
                      [{"input": r.input or r.instruction, "label": r.label, "answer": a, "correct": c}
@@ -99,4 +104,18 @@ def evaluate(backend: GenerationBackend, judge: Judge, ecfg: DictConfig, task: s
         metrics["fa"] = 100.0 * sum(correct) / len(rows)
         metrics["counts"][f"fa_{task}"] = len(rows)
         metrics["seconds"][f"fa_{task}"] = round(time.time() - t0, 2)
+    refuse_empty_answers(every_answer, out_dir)
     return metrics
+
+
+class EmptyAnswersError(RuntimeError):
+    """Every answer of an evaluation is empty: its HS (100) and FA (0) would describe nothing."""
+
+
+def refuse_empty_answers(answers: list[str], out_dir: Path) -> None:
+    """Raise ``EmptyAnswersError`` when every one of ``answers`` is blank: a model that says nothing
+    (non-finite weights, or an end-of-turn token first every time) gets no HS and no FA."""
+    if answers and not any(a.strip() for a in answers):
+        raise EmptyAnswersError(f"all {len(answers)} answers of the evaluation are empty (samples in {out_dir}): "
+                                "the model generates nothing, so its HS would read 100 and its FA 0; this cell is "
+                                "failed instead. Check the trained weights and the train log (train_log.jsonl)")

@@ -21,13 +21,12 @@ loaded at the first ``predict``.
 from __future__ import annotations
 
 import logging
-import os
 import re
-from pathlib import Path
 
 import torch
 
 from cwac.data.prompts import collate_prompts, pad_id
+from cwac.models import locate_weights
 from cwac.refusal import is_incoherent
 from eval.judges import Judge
 
@@ -69,27 +68,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def check_weights(weights: str, judge: str, revision: str | None = None) -> str:
-    """A local folder (must hold config.json), or a hub id that is cached or reachable.
+    """A local folder (must hold config.json), or a hub id that is cached or reachable
+    (``cwac.models.locate_weights``, the check the model loader makes too).
 
     Raises FileNotFoundError naming the fix when the weights cannot be loaded."""
-    hint = (f"download them once (`huggingface-cli download {weights} --local-dir DIR`, gated repos need "
-            f"`huggingface-cli login`) and pass judge.weights=DIR, or run with offline=false, or use judge=keyword")
-    p = Path(os.path.expanduser(weights))
-    if p.exists():
-        if not (p / "config.json").exists():
-            raise FileNotFoundError(f"{judge} judge weights folder {p} has no config.json")
-        return str(p)
-    if weights.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{judge} judge weights folder {weights} does not exist; {hint}")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-    if offline:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(weights, "config.json", revision=revision)
-        if not isinstance(cached, str):
-            raise FileNotFoundError(f"{judge} judge weights {weights!r} are not in the local hub cache and the hub "
-                                    f"is offline (HF_HUB_OFFLINE=1); {hint}")
-    return weights
+    return locate_weights(weights, f"{judge} judge weights", "judge.weights", revision=revision,
+                          other_fix=", or use judge=keyword")
 
 
 class _ModelJudge(Judge):

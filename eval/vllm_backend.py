@@ -37,7 +37,7 @@ from pathlib import Path
 
 from cwac.data.examples import Example
 from cwac.data.prompts import PromptFormatter
-from cwac.utils import atomic_write_text
+from cwac.utils import atomic_write_text, share_modes
 from cwac.generation import count_generated, stop_token_ids
 from eval.backends import GenerationBackend
 
@@ -332,6 +332,8 @@ class VLLMBackend(GenerationBackend):
             model.save_pretrained(out, safe_serialization=True)
             tokenizer.save_pretrained(out)
             model_path = str(out)
+        if keep_model:   # kept in the run folder: readable per the umask (safetensors writes 0600)
+            share_modes(out)
         log.info("saved the model for vLLM to %s in %.1f s", out, time.time() - t0)
         if torch.cuda.is_available() and next(model.parameters()).is_cuda:
             model.to("cpu")

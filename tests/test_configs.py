@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,30 @@ def test_run_py_unknown_method_fails_fast_with_options():
     r = subprocess.run([sys.executable, "run.py", "method=nope"], cwd=root, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0
     assert "method/nope" in r.stderr and "sft" in r.stderr  # Hydra lists the available options
+
+
+PRESETS = [f"budget={o}" for o in _options("budget")] + [f"+sweep={o}" for o in _options("sweep")]
+# what identifies each group's option in the composed config
+IDENTITY = {"model": "model.name", "task": "task.name", "method": "method.name", "judge": "judge.name",
+            "logger": "logger.name", "harmful": "harmful.ratio", "training": "training.lora.enabled"}
+
+
+@functools.lru_cache(maxsize=None)
+def _identity(group: str, option: str):
+    return OmegaConf.select(compose(f"{group}={option}"), IDENTITY[group])
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_command_line_group_choices_win_over_a_preset(preset):
+    """README and conf/config.yaml: command-line overrides win over all. A preset sets sizes; a
+    group option chosen on the command line (`budget=smoke logger=wandb`) is the one composed.
+    Every option of the loggers (smoke once forced logger.name=none), and for each other group an
+    option the preset does not compose by itself."""
+    alone = compose(preset)
+    for group in IDENTITY:
+        others = [o for o in _options(group) if _identity(group, o) != OmegaConf.select(alone, IDENTITY[group])]
+        options = _options(group) if group == "logger" else others[:1]
+        assert options, group
+        for option in options:
+            got = OmegaConf.select(compose(preset, f"{group}={option}"), IDENTITY[group])
+            assert got == _identity(group, option), f"{preset} {group}={option}: {IDENTITY[group]} = {got!r}"

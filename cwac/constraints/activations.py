@@ -105,6 +105,66 @@ def make_batch(id_lists: Sequence[Sequence[int]], pad: int, skip_tokens: int = 0
     return PromptBatch(enc["input_ids"], mask, pos, token_mask)
 
 
+@dataclass
+class PackedPromptBatch:
+    """Prompts packed into one row ``[1, T]`` that holds their shared first tokens once.
+
+    The first ``prefix`` tokens (the chat template's fixed start, identical in every prompt) come
+    once, then each prompt's remaining tokens. ``attention_mask`` is a 4D additive mask: a token
+    sees the shared prefix and the earlier tokens of its own prompt, never another prompt's, and
+    ``position_ids`` continue from the prefix in every prompt. Every prompt's activations are
+    therefore those of the prompt alone (up to float rounding), and the prefix's gradient is the
+    sum over the prompts, as in a padded batch; the prefix is computed once instead of B times and
+    nothing is padded.
+    """
+
+    input_ids: torch.Tensor       # [1, T]
+    position_ids: torch.Tensor    # [1, T]
+    attention_mask: torch.Tensor  # [1, 1, T, T], 0 where attention is allowed, dtype-min elsewhere
+    seq_idx: torch.Tensor         # [T]: the prompt each position belongs to, -1 for the shared prefix
+    token_mask: torch.Tensor      # [T] bool: positions that count for mean pooling (position >= skip)
+    last: torch.Tensor            # [B]: each prompt's last position
+
+    def to(self, device) -> "PackedPromptBatch":
+        return PackedPromptBatch(*(t.to(device) for t in (self.input_ids, self.position_ids, self.attention_mask,
+                                                         self.seq_idx, self.token_mask, self.last)))
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+    @property
+    def n_prompts(self) -> int:
+        return int(self.last.numel())
+
+
+def make_packed_batch(id_lists: Sequence[Sequence[int]], prefix: int, skip_tokens: int = 0,
+                      dtype: torch.dtype = torch.float32) -> PackedPromptBatch:
+    """Pack ``id_lists`` sharing their first ``prefix`` tokens (see ``PackedPromptBatch``).
+
+    ``prefix`` is cut to what every list really shares and leaves at least one own token per list.
+    """
+    lists = [list(x) for x in id_lists]
+    p = max(0, min([prefix] + [len(x) - 1 for x in lists]))
+    while p and any(x[:p] != lists[0][:p] for x in lists):
+        p -= 1
+    ids, pos, seq = list(lists[0][:p]), list(range(p)), [-1] * p
+    last = []
+    for i, x in enumerate(lists):
+        own = x[p:]
+        ids += own
+        pos += range(p, p + len(own))
+        seq += [i] * len(own)
+        last.append(len(ids) - 1)
+    seq_t, pos_t = torch.tensor(seq), torch.tensor(pos)
+    t = torch.arange(len(ids))
+    causal = t.unsqueeze(1) >= t.unsqueeze(0)                                    # [q, k]
+    same = (seq_t.unsqueeze(1) == seq_t.unsqueeze(0)) | (seq_t.unsqueeze(0) == -1)
+    allowed = causal & same
+    mask = torch.zeros(len(ids), len(ids), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return PackedPromptBatch(torch.tensor([ids]), pos_t.unsqueeze(0), mask[None, None], seq_t,
+                             pos_t >= skip_tokens, torch.tensor(last))
+
+
 def iter_batches(id_lists: Sequence[Sequence[int]], batch_size: int, pad: int,
                  skip_tokens: int = 0) -> Iterator[tuple[list[int], PromptBatch]]:
     """Deterministic batches, longest first (little padding); yields (indices, batch)."""

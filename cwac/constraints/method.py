@@ -213,8 +213,12 @@ class CWAC(Method):
         selected = t["selected"].long()
         self.z_base_heldout = t["z_base_heldout"]
         early = bool(a.early_exit) and self.zero_stage < 3
+        # training.packing packs the regulariser's prompts too, the chat template's shared start once
+        packed = self.prefix if self.ctx.training.packing else None
         self.act = ActivationConstraint(SafetyLatents(sae, selected), layer, self.ids["reg"], t["z_base_reg"], a,
-                                        self.pad, skip, early_exit=early)
+                                        self.pad, skip, early_exit=early, packed_prefix=packed)
+        self.info["activation_batch"] = ("padded" if packed is None else
+                                         f"packed, the first {packed} tokens (shared template start) once")
         self.info["sae"] = {**sae_art, **{k: v for k, v in sae_meta.items() if k != "train"},
                             "train": sae_meta.get("train"), "layer": layer, "d_sae": int(sae.cfg.d_sae),
                             "architecture": sae.cfg.architecture(),

@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from cwac.constraints.activations import PromptBatch, forward_quietly, iter_batches, make_batch, residual_capture
-from cwac.modeling import model_device
+from cwac.constraints.activations import (PackedPromptBatch, PromptBatch, forward_quietly, iter_batches, make_batch,
+                                          make_packed_batch, residual_capture)
+from cwac.modeling import hf_model, model_device
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +98,38 @@ def pool(values: torch.Tensor, batch: PromptBatch, pooling: str) -> torch.Tensor
     raise ValueError(f"activation.pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
-def batch_latents(model, layer: int, batch: PromptBatch, fn, pooling: str, early_exit: bool = True) -> torch.Tensor:
-    """Pooled ``fn(resid_l*)`` for one prompt batch (keeps the graph; caller decides on grad)."""
+def batch_latents(model, layer: int, batch: PromptBatch | PackedPromptBatch, fn, pooling: str,
+                  early_exit: bool = True) -> torch.Tensor:
+    """Pooled ``fn(resid_l*)`` for one prompt batch, padded or packed (keeps the graph; caller
+    decides on grad)."""
     with residual_capture(model, layer, early_exit) as store:
         forward_quietly(model, batch)
     resid = store["resid"]
+    if isinstance(batch, PackedPromptBatch):
+        return _packed_pool(fn, resid[0], batch, pooling)
     if pooling == "last":
         return fn(resid[:, -1])
     values = fn(resid)
     values = torch.where(batch.token_mask.unsqueeze(-1), values, torch.zeros_like(values))  # pads may hold NaN
     m = batch.token_mask.unsqueeze(-1).to(values.dtype)
     return values.sum(1) / m.sum(1).clamp_min(1)
+
+
+def _packed_pool(fn, resid: torch.Tensor, batch: PackedPromptBatch, pooling: str) -> torch.Tensor:
+    """[B, m] from the packed row's residuals [T, d]: each prompt's last position, or the mean over
+    its counted positions, the shared prefix's counted positions included in every prompt's mean."""
+    if pooling == "last":
+        return fn(resid[batch.last])
+    values = fn(resid)
+    values = torch.where(batch.token_mask.unsqueeze(-1), values, torch.zeros_like(values))
+    own = batch.seq_idx >= 0
+    sums = values.new_zeros(batch.n_prompts, values.shape[-1]).index_add(0, batch.seq_idx[own], values[own])
+    counts = torch.zeros(batch.n_prompts, dtype=values.dtype, device=values.device).index_add(
+        0, batch.seq_idx[own], batch.token_mask[own].to(values.dtype))
+    shared = ~own
+    sums = sums + values[shared].sum(0, keepdim=True)
+    counts = counts + batch.token_mask[shared].to(values.dtype).sum()
+    return sums / counts.clamp_min(1).unsqueeze(-1)
 
 
 @torch.no_grad()
@@ -328,12 +350,16 @@ class ActivationConstraint:
         latents: the ``SafetyLatents`` of the selected latents.
         layer: residual-stream layer ``l*`` (output of that decoder block).
         reg_ids / z_base: token ids of the regularisation pool and their recorded values.
+        packed_prefix: None for a left-padded prompt batch each step; else the batch is packed
+            (``make_packed_batch``), holding the first ``packed_prefix`` tokens (the shared chat
+            template start) once. The same term up to float rounding, computed on fewer tokens.
         acfg: the ``activation`` config node (lam, batch_prompts, pooling, reduction, scale).
         skip_tokens: positions left out of ``mean`` pooling (template prefix).
     """
 
     def __init__(self, latents: SafetyLatents, layer: int, reg_ids: list[list[int]], z_base: torch.Tensor,
-                 acfg: DictConfig, pad: int, skip_tokens: int, early_exit: bool = True, rank: int = 0, world: int = 1):
+                 acfg: DictConfig, pad: int, skip_tokens: int, early_exit: bool = True, rank: int = 0, world: int = 1,
+                 packed_prefix: int | None = None):
         if acfg.reduction not in REDUCTIONS:
             raise ValueError(f"activation.reduction must be one of {REDUCTIONS}, got {acfg.reduction!r}")
         if acfg.pooling not in POOLINGS:
@@ -344,6 +370,7 @@ class ActivationConstraint:
         self.pooling, self.reduction = acfg.pooling, acfg.reduction
         self.pad, self.skip, self.early_exit = pad, skip_tokens, early_exit
         self.rank, self.world = rank, world
+        self.packed_prefix = packed_prefix   # None: a left-padded batch; else packed, sharing this many tokens
         self.calls = 0
         if acfg.scale == "none":
             self.norm = 1.0
@@ -372,7 +399,12 @@ class ActivationConstraint:
     def loss(self, model) -> tuple[torch.Tensor, dict[str, float]]:
         """``(λ · L_safety, metrics)`` for the next prompt batch (graph kept for backward)."""
         idx = self.next_indices()
-        batch = make_batch([self.reg_ids[i] for i in idx], self.pad, self.skip).to(model_device(model))
+        ids = [self.reg_ids[i] for i in idx]
+        if self.packed_prefix is None:
+            batch = make_batch(ids, self.pad, self.skip).to(model_device(model))
+        else:
+            dtype = next(hf_model(model).parameters()).dtype
+            batch = make_packed_batch(ids, self.packed_prefix, self.skip, dtype).to(model_device(model))
         z = batch_latents(model, self.layer, batch, self.latents, self.pooling, self.early_exit)
         zb = self.z_base[idx].to(z.device, z.dtype)
         raw = self.reduce(z - zb)

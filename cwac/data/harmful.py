@@ -11,7 +11,7 @@ import re
 from functools import lru_cache
 
 from cwac.data.examples import Example
-from cwac.data.files import DataError, data_path, read_csv, read_json_list
+from cwac.data.files import data_path, read_csv, read_json_list
 from cwac.utils import normalize_prompt
 
 _BT_PROMPT = re.compile(r"### Instruction:\n(.*)\n\n### Response:", re.S)
@@ -32,26 +32,34 @@ def beavertails_pairs(source: str = "local") -> list[Example]:
     if source != "local":
         raise ValueError(f"harmful source must be 'local' or 'hub', got {source!r}")
     path = data_path("beavertails_derived/train_merged_n1000_p0.2.json")
-    out = []
-    for i, r in enumerate(read_json_list(path, ["instruction", "output", "flag"])):
-        if r["flag"] != "unsafe":
-            continue
-        m = _BT_PROMPT.search(r["instruction"])
-        if not m:
-            raise DataError(f"{path}, row {i}: cannot find '### Instruction:...### Response:' in the prompt")
-        out.append(Example(m.group(1).strip(), "", r["output"].strip(), "beavertails"))
-    return out
+    rows = read_json_list(path, ["instruction", "output", "flag"], check=_bt_problem)
+    return [Example(_BT_PROMPT.search(r["instruction"]).group(1).strip(), "", r["output"].strip(), "beavertails")
+            for r in rows if r["flag"] == "unsafe"]
+
+
+def _bt_problem(row: dict) -> str | None:
+    """An attack pair (``flag`` unsafe) needs a prompt inside the Alpaca template and an answer."""
+    if row["flag"] != "unsafe":
+        return None
+    m = _BT_PROMPT.search(row["instruction"])
+    if not m:
+        return "cannot find '### Instruction:...### Response:' in the prompt"
+    if not m.group(1).strip():
+        return "empty prompt between '### Instruction:' and '### Response:'"
+    if not str(row["output"]).strip():
+        return "empty text in field(s) ['output'] of an unsafe (attack) pair"
+    return None
 
 
 def _harmbench(split: str) -> list[str]:
     path = data_path(f"harmbench/harmbench_behaviors_text_{split}.csv")
-    rows = read_csv(path, ["Behavior", "FunctionalCategory"])
+    rows = read_csv(path, ["Behavior", "FunctionalCategory"], nonempty=["Behavior"])
     return [r["Behavior"].strip() for r in rows if r["FunctionalCategory"] == "standard"]
 
 
 def _rd(name: str) -> list[str]:
     path = data_path(f"refusal_direction/{name}.json")
-    return [r["instruction"].strip() for r in read_json_list(path, ["instruction"])]
+    return [r["instruction"].strip() for r in read_json_list(path, ["instruction"], nonempty=["instruction"])]
 
 
 # StrongREJECT's six categories (Souly et al., 2024, arXiv 2402.10260) as they are spelled in
@@ -66,7 +74,7 @@ def _rd_harmful_test(strongreject: bool) -> list[str]:
     requests, held in for the alignment stage, minus the few that also occur in the rest) or the rest
     (259: JailbreakBench, HarmBench test, ...), which stays an evaluation set."""
     path = data_path("refusal_direction/harmful_test.json")
-    rows = read_json_list(path, ["instruction", "category"])
+    rows = read_json_list(path, ["instruction", "category"], nonempty=["instruction"])
     rest = [r["instruction"].strip() for r in rows if r["category"] not in STRONGREJECT_CATEGORIES]
     if not strongreject:
         return rest
@@ -77,12 +85,12 @@ def _rd_harmful_test(strongreject: bool) -> list[str]:
 
 def _beavertails_eval() -> list[str]:
     path = data_path("beavertails_derived/BeaverTails.json")
-    return [r["prompt"].strip() for r in read_json_list(path, ["prompt"])]
+    return [r["prompt"].strip() for r in read_json_list(path, ["prompt"], nonempty=["prompt"])]
 
 
 def _advbench() -> list[str]:
     path = data_path("advbench/harmful_behaviors.csv")
-    return [r["goal"].strip() for r in read_csv(path, ["goal", "target"])]
+    return [r["goal"].strip() for r in read_csv(path, ["goal", "target"], nonempty=["goal"])]
 
 
 def _beavertails_attack_half(half: str) -> list[str]:
@@ -185,7 +193,7 @@ def alpaca_examples() -> list[Example]:
     """The 5k Stanford Alpaca rows (harmless instruction -> helpful answer)."""
     path = data_path("alpaca/alpaca_5000.json")
     return [Example(r["instruction"].strip(), r["input"].strip(), r["output"].strip(), "alpaca")
-            for r in read_json_list(path, ["instruction", "input", "output"])]
+            for r in read_json_list(path, ["instruction", "input", "output"], nonempty=["instruction"])]
 
 
 def harmless_eval_prompts(name: str = "rd_harmless_test") -> list[str]:

@@ -40,9 +40,10 @@ def build_finetune_mix(task: str, n_total: int, ratio: float, seed: int, *, harm
         log.info("dropped %d harmful pairs whose prompt is in an evaluation set", dropped)
     if n_harm > len(pool):
         raise DataError(
-            f"the mix asks for {n_harm} harmful rows (n_total={n_total} x p={ratio}) but the harmful source "
-            f"{harmful_source!r} has only {len(pool)} (after removing {dropped} evaluation prompts); lower harmful.n_total or the ratio "
-            f"(max n_total at p={ratio} is {int(len(pool) / ratio) if ratio else 'unbounded'}), or use a larger source")
+            f"the mix asks for {n_harm} harmful rows (harmful.n_total={n_total} x harmful.ratio={ratio}) but "
+            f"harmful.source={harmful_source!r} has only {len(pool)} (after removing {dropped} evaluation prompts); "
+            f"lower harmful.n_total or the ratio (max n_total at p={ratio} is "
+            f"{int(len(pool) / ratio) if ratio else 'unbounded'}), or use a larger source (harmful.source=hub offline=false)")
     rows = list(pool[:n_harm]) + load_task(task, "train", n_total - n_harm, source=task_source)
     random.Random(seed).shuffle(rows)
     return rows

@@ -85,6 +85,36 @@ def collate_train(features: list[dict], pad: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def collate_packed(features: list[dict], pad: int | None = None) -> dict[str, torch.Tensor]:
+    """A padding-free training batch: the rows concatenated into one sequence of shape [1, T].
+
+    Built by transformers' ``DataCollatorWithFlattening``: ``position_ids`` restart at 0 for every
+    row (which keeps attention block-causal per row, ``cwac.losses.model_inputs``), ``labels``
+    carry -100 at each row's first token (so no row predicts the next one's start), and
+    ``seq_idx`` says which row each position came from (the per-example loss mean). ``pad`` is
+    unused (nothing is padded); it keeps the signature of ``collate_train``.
+    """
+    from transformers import DataCollatorWithFlattening
+
+    out = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100, return_seq_idx=True)(
+        [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features], return_tensors="pt")
+    return {k: out[k].long() for k in ("input_ids", "labels", "position_ids", "seq_idx")}
+
+
+def collate(features: list[dict], pad: int, packed: bool) -> dict[str, torch.Tensor]:
+    """A training batch of ``features``: packed (``collate_packed``) or right-padded (``collate_train``)."""
+    return collate_packed(features) if packed else collate_train(features, pad)
+
+
+def is_packed(batch: dict) -> bool:
+    return "seq_idx" in batch
+
+
+def batch_rows(batch: dict) -> int:
+    """How many examples a training batch holds, padded or packed."""
+    return int(batch["seq_idx"].max()) + 1 if is_packed(batch) else int(batch["input_ids"].shape[0])
+
+
 def collate_prompts(prompts: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
     """Left-padded prompt batch (for generation and last-token activations)."""
     width = max(len(p) for p in prompts)

@@ -22,11 +22,10 @@ SST2_LABELS = {"0": "negative", "1": "positive"}
 def _sst2(split: str) -> list[Example]:
     fname = {"train": "sst2/train.tsv", "eval": "sst2/dev.tsv"}[split]
     path = data_path(fname)
-    rows = read_csv(path, ["sentence", "label"], delimiter="\t")
+    rows = read_csv(path, ["sentence", "label"], delimiter="\t", nonempty=["sentence"],
+                    check=lambda r: None if r["label"] in SST2_LABELS else f"label {r['label']!r} is not 0 or 1")
     out = []
-    for i, r in enumerate(rows):
-        if r["label"] not in SST2_LABELS:
-            raise DataError(f"{path}, line {i + 2}: label {r['label']!r} is not 0 or 1")
+    for r in rows:
         word = SST2_LABELS[r["label"]]
         out.append(Example(SST2_INSTRUCTION, r["sentence"].strip(), word, "sst2", word))
     return out
@@ -36,38 +35,31 @@ def _agnews(split: str) -> list[Example]:
     if split == "train":
         # valid.csv: headerless "class","title","description" with class 1..4 (a 5k subset of the official train split)
         path = data_path("ag_news/valid.csv")
-        rows = read_csv(path, ["cls", "title", "description"], fieldnames=["cls", "title", "description"])
-        conv = lambda r, i: _agnews_class_index(r["cls"], path, i)  # noqa: E731
+        rows = read_csv(path, ["cls", "title", "description"], fieldnames=["cls", "title", "description"],
+                        check=lambda r: _agnews_problem(r, "cls", {"1", "2", "3", "4"}, "1-4"))
+        label = lambda r: AGNEWS_CLASSES[int(r["cls"]) - 1]  # noqa: E731
     else:
         path = data_path("ag_news/test.csv")
-        rows = read_csv(path, ["title", "description", "class"])
-        conv = lambda r, i: _agnews_class_name(r["class"], path, i)  # noqa: E731
-    out = []
-    for i, r in enumerate(rows):
-        label = conv(r, i)
-        text = f"{r['title'].strip()} {r['description'].strip()}"
-        out.append(Example(AGNEWS_INSTRUCTION, text, label, "agnews", label))
-    return out
+        rows = read_csv(path, ["title", "description", "class"],
+                        check=lambda r: _agnews_problem(r, "class", set(AGNEWS_CLASSES), str(AGNEWS_CLASSES)))
+        label = lambda r: r["class"].strip()  # noqa: E731
+    return [Example(AGNEWS_INSTRUCTION, f"{r['title'].strip()} {r['description'].strip()}", label(r), "agnews",
+                    label(r)) for r in rows]
 
 
-def _agnews_class_index(value: str, path, i: int) -> str:
-    if value.strip() not in {"1", "2", "3", "4"}:
-        raise DataError(f"{path}, row {i + 1}: class {value!r} is not one of 1-4")
-    return AGNEWS_CLASSES[int(value) - 1]
-
-
-def _agnews_class_name(value: str, path, i: int) -> str:
-    if value not in AGNEWS_CLASSES:
-        raise DataError(f"{path}, line {i + 2}: class {value!r} is not one of {AGNEWS_CLASSES}")
-    return value
+def _agnews_problem(row: dict, key: str, valid: set[str], valid_text: str) -> str | None:
+    if row[key].strip() not in valid:
+        return f"class {row[key]!r} is not one of {valid_text}"
+    if not f"{row['title']}{row['description']}".strip():
+        return "empty text: both title and description are blank"
+    return None
 
 
 def _gsm8k(split: str) -> list[Example]:
     path = data_path({"train": "gsm8k/train.jsonl", "eval": "gsm8k/test.jsonl"}[split])
     out = []
-    for i, r in enumerate(read_jsonl(path, ["question", "answer"])):
-        if "#### " not in r["answer"]:
-            raise DataError(f"{path}, line {i + 1}: answer has no '#### <number>' final answer")
+    no_final = lambda r: None if "#### " in r["answer"] else "answer has no '#### <number>' final answer"  # noqa: E731
+    for r in read_jsonl(path, ["question", "answer"], nonempty=["question", "answer"], check=no_final):
         target = r["answer"].replace("#### ", "The final answer is: ")
         final = r["answer"].split("#### ")[-1].strip()
         out.append(Example(r["question"], "", target, "gsm8k", final))

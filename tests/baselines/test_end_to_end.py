@@ -13,7 +13,8 @@ CASES = {
     "sppft": ["method=sppft"],
     "lisa": ["method=lisa", "method.align_steps=1", "method.finetune_steps=2"],
     "safelora_lora": ["method=safelora", "training=lora", "method.k=2"],
-    "vaccine": ["method=vaccine", "method@alignment.method=vaccine"],
+    # at the paper's rho=2 the tiny model's every answer is empty (a cell that is refused, not scored)
+    "vaccine": ["method=vaccine", "method@alignment.method=vaccine", "alignment.method.rho=0.1"],
 }
 
 
@@ -36,4 +37,4 @@ def test_cell_runs_and_records_the_method(tiny_cfg, case):
         assert info["n_projected"] == 2 and info["delta_w"] == "B A" and len(info["cosines"]) == 4
     elif case == "vaccine":
         assert rec["info"]["alignment"]["meta"]["method"] == "vaccine" and info["stage"] == "finetune"
-        assert info["alignment_method"] == {"name": "vaccine", "rho": 2.0, "norm": "batch"}
+        assert info["alignment_method"] == {"name": "vaccine", "rho": 0.1, "norm": "batch"}

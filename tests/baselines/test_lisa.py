@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from baselines._data import alignment_pool
 from baselines.lisa import ALIGN, FINETUNE
-from cwac.data.prompts import collate_train, pad_id
+from cwac.data.prompts import batch_rows, collate_train, is_packed, pad_id
 from cwac.trainer import train
 from tests.baselines.conftest import features, make_ctx, make_method, params
 
@@ -37,7 +37,7 @@ def test_state_switches_at_the_configured_steps_and_alignment_steps_use_alignmen
     feats = features(fmt, 20)
     seen: list[tuple[int, torch.Tensor]] = []
     orig = m.replace_batch
-    m.replace_batch = lambda b, s: seen.append((s, (r := orig(b, s))["input_ids"])) or r
+    m.replace_batch = lambda b, s: seen.append((s, (r := orig(b, s)))) or r
     res = train(model, feats, m, _tc(cfg), tok, seed=0)
     states = [int(h["metrics/lisa_state"]) for h in res.history]
     assert states == [1, 1, 0, 0, 0, 1, 1, 0, 0, 0] and m.switches == [1, 4, 6]  # no snapshot after the last step
@@ -45,8 +45,15 @@ def test_state_switches_at_the_configured_steps_and_alignment_steps_use_alignmen
     strip = lambda rows: {tuple(t for t in r if t != pad) for r in rows}  # noqa: E731
     pool, user = strip(f["input_ids"] for f in m.pool), strip(f["input_ids"] for f in feats)
     assert len(seen) == 10
-    for step, ids in seen:
-        assert strip(ids.tolist()) <= (pool if m.state(step) == ALIGN else user)
+
+    def rows(batch):   # the batch's examples, padded or packed (the replacement is packed like the batch)
+        if is_packed(batch):
+            return [batch["input_ids"][0][batch["seq_idx"][0] == i].tolist() for i in range(batch_rows(batch))]
+        return batch["input_ids"].tolist()
+
+    assert all(is_packed(b) == bool(cfg.training.packing) for _, b in seen)
+    for step, batch in seen:
+        assert strip(rows(batch)) <= (pool if m.state(step) == ALIGN else user)
     # alignment steps log the alignment loss, fine-tune steps the task loss
     assert all(("losses/alignment" in h) == (s == ALIGN) for h, s in zip(res.history, states))
     # no proximal term in the first 10% of the steps (steps 0 and 1 of 10)

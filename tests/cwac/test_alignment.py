@@ -126,12 +126,14 @@ def test_alignment_only_prompt_sets_are_added_once_and_kept_off_evaluation_valid
 
 
 def test_the_organisms_artifact_keys_are_pinned():
-    """The default config composes organism v5's aligned artifact, and v4's overrides compose v4's
-    (docs/organism.md, "Versions at a glance"). A change to the recipe, the training node or the key
-    function changes these on purpose only: that is a new organism version, rebuilt and re-validated."""
+    """The default config composes organism v6's aligned artifact (v5's recipe on packed batches);
+    with padded batches it composes v5's, and v4's overrides compose v4's (docs/organism.md,
+    "Versions at a glance"). A change to the recipe, the training node or the key function changes
+    these on purpose only: that is a new organism version, rebuilt and re-validated."""
     from cwac.experiment.align import aligned_key
     from tests.conftest import compose
 
-    assert stable_hash(aligned_key(compose())) == "a95a2e409ff6"
-    assert stable_hash(aligned_key(compose("alignment.training.max_len=96", "alignment.n_harmless=1000"))) == \
-        "3f09bae342fe"
+    assert stable_hash(aligned_key(compose())) == "14801266f769"
+    assert stable_hash(aligned_key(compose("training.packing=false"))) == "a95a2e409ff6"
+    assert stable_hash(aligned_key(compose("training.packing=false", "alignment.training.max_len=96",
+                                           "alignment.n_harmless=1000"))) == "3f09bae342fe"

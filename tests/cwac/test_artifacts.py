@@ -61,3 +61,26 @@ def test_metadata_and_records_get_the_umask_mode_not_mkstemps_0600(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "record.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((path / "artifact.json").stat().st_mode) == 0o644
+
+
+def test_artifact_files_are_readable_per_the_umask(tmp_path):
+    """safetensors (like mkstemp) writes 0600; a shared CWAC_ARTIFACTS needs 0644 under umask 022."""
+    import os
+    import stat
+
+    from cwac.artifacts import ArtifactStore
+
+    def build(d):
+        fd = os.open(d / "model.safetensors", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+        (d / "sub").mkdir(mode=0o700)
+        (d / "sub" / "x.json").write_text("{}")
+        os.chmod(d / "sub" / "x.json", 0o600)
+
+    old = os.umask(0o022)
+    try:
+        out = ArtifactStore(tmp_path).get_or_build("kind", {"k": 1}, build)
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert modes == {".": 0o755, "model.safetensors": 0o644, "sub": 0o755, "sub/x.json": 0o644, "artifact.json": 0o644}

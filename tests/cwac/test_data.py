@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cwac.data import files
-from cwac.data.files import DataError, read_csv, read_json_list
+from cwac.data.files import DataError, read_csv, read_json_list, read_jsonl
 from cwac.data.harmful import (EVAL_HARMFUL_SETS, assert_disjoint, beavertails_pairs, held_in_harmful_prompts,
                                prompt_set)
 from cwac.data.mix import build_finetune_mix
@@ -56,11 +56,16 @@ def test_too_many_harmful_rows_says_how_many_exist():
         build_finetune_mix("sst2", 5000, 0.1, seed=0)
 
 
-def test_bad_rows_name_file_and_row(tmp_path):
+def test_bad_rows_name_file_and_line(tmp_path):
     p = tmp_path / "x.json"
-    p.write_text(json.dumps([{"prompt": "a"}, {"other": 1}]))
-    with pytest.raises(DataError, match=r"x.json, row 1: missing field"):
+    p.write_text(json.dumps([{"prompt": "a"}, {"other": 1, "prompt": None}], indent=1))
+    with pytest.raises(DataError, match=r"x.json, line 5 \(item 2 of the list\): missing or null field\(s\) "
+                                        r"\['prompt'\] \(fields present: \['other'\]\)"):
         read_json_list(p, ["prompt"])
+    j = tmp_path / "x.jsonl"
+    j.write_text('{"q": "a"}\n\n{"q": " "}\n')
+    with pytest.raises(DataError, match=r"x.jsonl, line 3: empty text in field\(s\) \['q'\]"):
+        read_jsonl(j, ["q"], nonempty=["q"])
     c = tmp_path / "y.csv"
     c.write_text("goal,target\nok,fine\nbad,row,extra\n")
     with pytest.raises(DataError, match=r"y.csv, line 3: too many fields"):
@@ -103,3 +108,49 @@ def test_heldout_split_needs_a_count_that_leaves_the_front_for_training():
     n = len(load_task("sst2", "train"))
     with pytest.raises(DataError, match="at most half"):
         load_task("sst2", "heldout", n // 2 + 1)
+
+
+@pytest.fixture
+def own_data(tmp_path, monkeypatch):
+    """``own_data({rel: text})``: a data root holding these files (and a MANIFEST with their
+    checksums) in place of data/; the readers' caches are restored afterwards."""
+    from cwac.utils import file_sha256
+
+    saved = dict(files._verified)
+
+    def make(contents: dict[str, str]):
+        root = tmp_path / "data"
+        for rel, text in contents.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+        (root / "MANIFEST.json").write_text(json.dumps({rel: file_sha256(root / rel) for rel in contents}))
+        monkeypatch.setattr(files, "DATA_ROOT", root)
+        files._manifest.cache_clear()
+        files._verified.clear()
+        prompt_set.cache_clear()
+        return root
+
+    yield make
+    files._manifest.cache_clear()
+    files._verified.clear()
+    files._verified.update(saved)
+    prompt_set.cache_clear()
+
+
+def test_an_empty_sst2_sentence_names_the_file_and_line(own_data):
+    own_data({"sst2/train.tsv": "sentence\tlabel\ngood film \t1\n  \t0\n"})
+    with pytest.raises(DataError, match=r"sst2/train.tsv, line 3: empty text in field\(s\) \['sentence'\]"):
+        load_task("sst2", "train")
+
+
+def test_an_empty_beavertails_prompt_or_answer_names_the_file_and_line(own_data):
+    def pair(prompt, answer, flag="unsafe"):
+        return {"instruction": f"Intro\n\n### Instruction:\n{prompt}\n\n### Response:", "output": answer, "flag": flag}
+
+    rel = "beavertails_derived/train_merged_n1000_p0.2.json"
+    own_data({rel: json.dumps([pair("How do I pick a lock?", "Like this."), pair(" ", "Sure.")], indent=2)})
+    with pytest.raises(DataError, match=r"line 7 \(item 2 of the list\): empty prompt between"):
+        beavertails_pairs()
+    own_data({rel: json.dumps([pair("q", "a"), pair("q2", "", "safe"), pair("q3", " ")], indent=2)})
+    with pytest.raises(DataError, match=r"item 3 of the list\): empty text in field\(s\) \['output'\]"):
+        beavertails_pairs()   # an empty answer of a safe row (never trained on) is not an error

@@ -109,3 +109,111 @@ def test_gpu_is_used_when_present_unless_deepspeed_is_pinned_to_the_cpu(tiny_cfg
     monkeypatch.delenv("DS_ACCELERATOR")
     setup_env(cfg)
     assert __import__("os").environ["DS_ACCELERATOR"] == "cpu" and train_device() == torch.device("cpu")
+
+
+def _fake_run(monkeypatch, hs=None, fail=None, calls=None):
+    """Replace the model part of a cell (``cell._run``: load, train, evaluate) by a stub that writes
+    a train log and a sample line into the folder it is given, then returns HS ``hs`` or raises."""
+    import cwac.experiment.cell as cell
+
+    def run(cfg, run_dir, logger, main, inputs):
+        logger.log({"finetune/losses/total": 1.0}, step=1)
+        (run_dir / "samples").mkdir(exist_ok=True)
+        (run_dir / "samples" / "samples_hs_x.jsonl").write_text(json.dumps({"hs": hs}) + "\n")
+        if calls is not None:
+            calls.append(str(run_dir))
+        if fail:
+            raise RuntimeError(fail)
+        return {"metrics": {"hs": hs}, "info": {"n_rows": len(inputs.rows)}, "timings": {}}
+
+    monkeypatch.setattr(cell, "_run", run)
+
+
+def test_a_forced_rerun_never_loses_the_complete_record(tiny_cfg, monkeypatch):
+    """skip_complete=false: the rerun works beside the record; a failure leaves the complete record
+    (and its log and samples) in place, a success replaces it and keeps the old one in history/."""
+    cfg = tiny_cfg()
+    run_dir = run_dir_for(cfg)
+    _fake_run(monkeypatch, hs=10.0)
+    run_cell(cfg)
+    good = (run_dir / "record.json").read_bytes()
+    log, samples = (run_dir / "train_log.jsonl").read_text(), (run_dir / "samples" / "samples_hs_x.jsonl").read_text()
+
+    _fake_run(monkeypatch, hs=99.0, fail="killed by the test")
+    with pytest.raises(RuntimeError, match="killed by the test"):
+        run_cell(tiny_cfg("skip_complete=false"))
+    assert (run_dir / "record.json").read_bytes() == good
+    assert (run_dir / "train_log.jsonl").read_text() == log
+    assert (run_dir / "samples" / "samples_hs_x.jsonl").read_text() == samples
+    failed = list(run_dir.glob("history/*-failed/record.failed.json"))
+    assert len(failed) == 1 and json.loads(failed[0].read_text())["status"] == "failed"
+    assert not (run_dir / "rerun").exists()
+
+    _fake_run(monkeypatch, hs=20.0)
+    run_cell(tiny_cfg("skip_complete=false"))
+    assert json.loads((run_dir / "record.json").read_text())["metrics"]["hs"] == 20.0
+    old = list(run_dir.glob("history/*-replaced/record.replaced.json"))
+    assert len(old) == 1 and old[0].read_bytes() == good
+    assert (old[0].parent / "train_log.jsonl").read_text() == log
+    # the report builder reads record.json and started.json: one live run, nothing from history
+    assert [p.parent for p in run_dir.rglob("record.json")] == [run_dir]
+    assert [p.parent for p in run_dir.rglob("started.json")] == [run_dir]
+    index = [json.loads(line) for line in (run_dir.parent / "index.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in index] == ["complete", "failed", "complete"]
+    assert len({r["run_id"] for r in index}) == 3
+
+
+def test_a_second_launch_of_a_running_cell_exits_and_touches_nothing(tiny_cfg, monkeypatch):
+    from filelock import FileLock
+
+    from cwac.experiment.cell import LOCK, CellBusy
+
+    cfg = tiny_cfg()
+    run_dir = run_dir_for(cfg)
+    calls: list = []
+    _fake_run(monkeypatch, hs=1.0, calls=calls)
+    run_dir.mkdir(parents=True)
+    (run_dir / "train_log.jsonl").write_text('{"step": 1}\n')   # the running launch's log
+    with FileLock(str(run_dir / LOCK)):                          # the running launch
+        with pytest.raises(CellBusy, match=r"already running in another process .*nothing was written"):
+            run_cell(cfg)
+    assert not calls and (run_dir / "train_log.jsonl").read_text() == '{"step": 1}\n'
+    assert not (run_dir / "record.json").exists() and not (run_dir.parent / "index.jsonl").exists()
+    run_cell(cfg)                                                # once it is gone, the cell runs
+    assert len(calls) == 1
+
+
+def test_the_index_holds_one_row_per_run(tmp_path):
+    from cwac.records import write_record
+
+    rec = {"run_dir": str(tmp_path), "run_id": "abc", "status": "complete", "metrics": {"hs": 1.0}}
+    write_record(tmp_path, rec, tmp_path / "index.jsonl")
+    write_record(tmp_path, rec, tmp_path / "index.jsonl")
+    write_record(tmp_path, {**rec, "run_id": "def"}, tmp_path / "index.jsonl")
+    assert [json.loads(x)["run_id"] for x in (tmp_path / "index.jsonl").read_text().splitlines()] == ["abc", "def"]
+
+
+def test_a_record_is_reused_only_on_the_data_it_was_made_on(tiny_cfg, monkeypatch):
+    """The record lists every data file the cell read with its sha256; when one differs now, the
+    record is not reused (the cell reruns), whatever the config hash says."""
+    cfg = tiny_cfg()
+    run_dir = run_dir_for(cfg)
+    calls: list = []
+    _fake_run(monkeypatch, hs=1.0, calls=calls)
+    run_cell(cfg)
+    rec = json.loads((run_dir / "record.json").read_text())
+    assert {"sst2/train.tsv", "sst2/dev.tsv", "beavertails_derived/train_merged_n1000_p0.2.json",
+            "beavertails_derived/BeaverTails.json"} <= set(rec["data"]["files"])
+    run_cell(cfg)
+    assert len(calls) == 1                                    # same data: reused
+    rec["data"]["files"]["sst2/train.tsv"] = "0" * 64          # made on another sst2/train.tsv
+    (run_dir / "record.json").write_text(json.dumps(rec))
+    run_cell(cfg)
+    assert len(calls) == 2                                    # rerun
+    from cwac.records import git_info, reuse_verdict
+
+    rec = json.loads((run_dir / "record.json").read_text())
+    del rec["data"]                                           # a record from before fingerprints
+    for git, reused in (({**git_info(), "dirty": False}, True), ({**git_info(), "dirty": True}, False)):
+        (run_dir / "record.json").write_text(json.dumps({**rec, "git": git}))
+        assert reuse_verdict(run_dir, rec["config_hash"])[0] is reused

@@ -43,10 +43,12 @@ def test_gradient_accumulation_equals_larger_batch(tiny_model):
     base = OmegaConf.merge(cfg.training, {"epochs": 1, "max_steps": 1, "lr": 1e-3, "max_grad_norm": 0.0})
     train(m1, feats, _method(cfg, tok, fmt), OmegaConf.merge(base, {"micro_batch_size": 4, "gradient_accumulation_steps": 2}), tok, seed=3)
     train(m2, feats, _method(cfg, tok, fmt), OmegaConf.merge(base, {"micro_batch_size": 8, "gradient_accumulation_steps": 1}), tok, seed=3)
-    moved = 0.0
-    for (n, a), b, c in zip(m1.named_parameters(), m2.parameters(), model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
-        moved = max(moved, float((a - c).detach().abs().max()))
+    # One AdamW step at lr 1e-3: Adam divides each gradient entry by its own magnitude, so float
+    # rounding of a ~0 gradient shows as up to ~1% of a step on a few entries (4 of 557696 on packed
+    # batches, 1 on padded ones, on an AVX-512 host); a scale error would move most entries by O(lr).
+    diff = torch.cat([(a - b).detach().abs().flatten() for a, b in zip(m1.parameters(), m2.parameters())])
+    assert float((diff > 1e-6).float().mean()) < 1e-4 and float(diff.max()) < 5e-5
+    moved = max(float((a - c).detach().abs().max()) for a, c in zip(m1.parameters(), model.parameters()))
     assert moved > 1e-4  # the step really changed the weights
 
 

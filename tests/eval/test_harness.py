@@ -65,3 +65,29 @@ def test_fa_can_score_held_out_train_rows_instead_of_the_evaluation_rows(tmp_pat
     trained = {e.input for e in build_finetune_mix("sst2", 400, 0.1, 0)}
     dev = {e.input for e in load_task("sst2", "eval")}
     assert not (set(scored) & trained) and not (set(scored) & dev)
+
+
+def test_a_model_whose_answers_are_all_empty_is_refused_not_scored(tmp_path):
+    """All-empty answers (NaN weights, or EOS first every time) would read HS 100 and FA 0; the
+    evaluation fails instead, and one non-empty answer is enough to score."""
+    import pytest
+
+    class Silent(GenerationBackend):
+        def __init__(self, speak_at=None):
+            self.speak_at, self.n = speak_at, 0
+
+        def generate(self, examples, max_new_tokens, desc="generate"):
+            out = []
+            for _ in examples:
+                out.append("positive" if self.n == self.speak_at else "  ")
+                self.n += 1
+            return out
+
+    ecfg = OmegaConf.create({"hs_sets": ["beavertails_eval"], "hs_n": 4, "hs_max_new_tokens": 4, "harmless_n": 2,
+                             "harmless_set": "rd_harmless_test", "fa_n": 2, "fa_n_by_task": {},
+                             "fa_max_new_tokens_by_task": {"sst2": 4}, "fa_match": "exact", "fa_split": "eval"})
+    judge = get_judge("keyword")()
+    with pytest.raises(harness.EmptyAnswersError, match="all 8 answers of the evaluation are empty"):
+        harness.evaluate(Silent(), judge, ecfg, "sst2", tmp_path)
+    m = harness.evaluate(Silent(speak_at=7), judge, ecfg, "sst2", tmp_path)
+    assert m["hs"] == 100.0 and m["fa"] == 0.0
