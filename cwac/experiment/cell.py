@@ -84,13 +84,6 @@ def _evaluate(cfg, model, tok, fmt, run_dir: Path, task: str | None) -> dict:
     return metrics
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Refuse a config with a bad setting (``preflight.check_settings``: the typed nodes of
-    ``cwac.schema``, every enumerated setting, the sizes, names, folders and start weights).
-    Costs milliseconds; nothing is loaded or written."""
-    check_settings(cfg)
-
-
 class CellBusy(RuntimeError):
     """Another process is running the same cell (it holds the run folder's lock)."""
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cwac.experiment.cell import check_config, run_cell
+from cwac.experiment.cell import run_cell
+from cwac.experiment.preflight import check_settings as check_config
 from cwac.schema import CWACConfig, TrainingConfig, check_node
 from tests.conftest import CONF_DIR, compose
 
