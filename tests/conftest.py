@@ -23,8 +23,10 @@ CONF_DIR = str(_CONF)
 def compose(*overrides: str, runs: Path | None = None, artifacts: Path | None = None):
     """The project's config with ``overrides`` (Hydra Compose API)."""
     extra = []
-    if runs is not None:
+    if runs is not None:   # never reuse the repository's committed records (results/records)
         extra.append(f"paths.runs={runs}")
+        if not any(o.startswith("paths.records=") for o in overrides):
+            extra.append(f"paths.records={Path(runs) / '_committed'}")
     if artifacts is not None:
         extra.append(f"paths.artifacts={artifacts}")
     return compose_config(*overrides, *extra)

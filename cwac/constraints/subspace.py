@@ -134,50 +134,108 @@ def shared_inputs(model: nn.Module, modules: dict[str, nn.Module], batch) -> dic
     return site_of
 
 
-@torch.no_grad()
-def input_covariances(model: nn.Module, id_lists: Sequence[Sequence[int]], modules: dict[str, nn.Module], *,
-                      batch_size: int, pad: int, skip_tokens: int = 0,
-                      dtype: torch.dtype = torch.float64) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
-    """Second moments ``C = Σ x xᵀ / N`` of each module's input over the prompts' counted tokens.
+def _device_budget(device: torch.device) -> int:
+    """Bytes that covariances may hold at once on ``device``: half of what is free now."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    try:
+        import psutil
 
-    Returns (covariance per site, site of each module, N). Modules that read the same input
-    tensor share a site (``shared_inputs``). The forward stops after the deepest module's
-    layer. ``dtype`` is the accumulation precision (float64 keeps the small eigenvalues of a
-    sum of many rank-one terms).
+        return int(psutil.virtual_memory().available * 0.5)
+    except ImportError:  # pragma: no cover - psutil ships with deepspeed
+        return 4 << 30
+
+
+def site_groups(sites: Sequence[str], d_in: dict[str, int], bytes_per: int, max_bytes: int) -> list[list[str]]:
+    """Consecutive sites (in layer order) packed into groups whose ``d x d`` accumulators fit in
+    ``max_bytes`` together; a site larger than the budget is a group of its own."""
+    groups: list[list[str]] = []
+    used = 0
+    for s in sorted(sites, key=lambda n: (layer_index(n), n)):
+        size = d_in[s] ** 2 * bytes_per
+        if groups and used + size <= max_bytes:
+            groups[-1].append(s)
+            used += size
+        else:
+            groups.append([s])
+            used = size
+    return groups
+
+
+@torch.no_grad()
+def iter_covariances(model: nn.Module, id_lists: Sequence[Sequence[int]], modules: dict[str, nn.Module], *,
+                     batch_size: int, pad: int, skip_tokens: int = 0, dtype: torch.dtype = torch.float64,
+                     max_bytes: int | None = None, stats: dict | None = None):
+    """Second moments ``C = Σ x xᵀ / N`` of each module's input over the prompts' counted tokens,
+    yielded one site at a time as ``(site, C)``.
+
+    Modules that read the same input tensor share a site (``shared_inputs``). To bound memory at
+    7-9B (32-42 layers of ``d_ff x d_ff`` float64 accumulators are 31-69 GB), the sites are
+    accumulated in groups whose accumulators fit ``max_bytes`` together (default: half of the
+    device's free memory), one pass over the prompts per group, each pass stopping after the
+    group's deepest layer; a site's accumulator is normalised in place and handed over as soon as
+    its group's pass ends, so the caller can decompose it and let it go before the next group
+    starts. Every site sees the same batches in the same order, so the result does not depend on
+    the grouping. ``dtype`` is the accumulation precision (float64 keeps the small eigenvalues of a
+    sum of many rank-one terms). ``stats`` (optional) receives ``site_of``, ``n_tokens`` and
+    ``passes``.
     """
     device = model_device(model)
-    cov: dict[str, torch.Tensor] = {}
-    state: dict = {}
-
-    def make_hook(site):
-        def hook(_mod, args):
-            sel = args[0][state["mask"]].to(dtype)
-            c = sel.T @ sel
-            cov[site] = cov[site] + c if site in cov else c
-        return hook
-
-    n_tok = 0
+    stats = {} if stats is None else stats
     was_training = model.training
     model.eval()
-    handles = []
     try:
-        site_of: dict[str, str] = {}
-        with stop_after(model, max(layer_index(n) for n in modules)):
-            for _, batch in iter_batches(id_lists, batch_size, pad, skip_tokens):
-                batch = batch.to(device)
-                if not site_of:
-                    site_of = shared_inputs(model, modules, batch)
-                    handles = [modules[s].register_forward_pre_hook(make_hook(s)) for s in sorted(set(site_of.values()))]
-                state["mask"] = batch.token_mask
-                forward_quietly(model, batch)
-                n_tok += int(batch.token_mask.sum())
+        batches = list(iter_batches(id_lists, batch_size, pad, skip_tokens))
+        n_tok = sum(int(b.token_mask.sum()) for _, b in batches)
+        if n_tok == 0:
+            raise ValueError("no calibration tokens were counted (every position masked)")
+        site_of = shared_inputs(model, modules, batches[0][1].to(device))
+        sites = sorted(set(site_of.values()))
+        d_in = {s: base_linear(modules[s]).in_features for s in sites}
+        budget = _device_budget(device) if max_bytes is None else int(max_bytes)
+        groups = site_groups(sites, d_in, torch.empty((), dtype=dtype).element_size(), budget)
+        stats.update(site_of=site_of, n_tokens=n_tok, passes=len(groups))
+        for group in groups:
+            cov: dict[str, torch.Tensor] = {}
+            state: dict = {}
+
+            def make_hook(site):
+                def hook(_mod, args):
+                    sel = args[0][state["mask"]].to(dtype)
+                    if site in cov:
+                        cov[site].addmm_(sel.T, sel)
+                    else:
+                        cov[site] = sel.T @ sel
+                return hook
+
+            handles = [modules[s].register_forward_pre_hook(make_hook(s)) for s in group]
+            try:
+                with stop_after(model, max(layer_index(s) for s in group)):
+                    for _, batch in batches:
+                        batch = batch.to(device)
+                        state["mask"] = batch.token_mask
+                        forward_quietly(model, batch)
+            finally:
+                for h in handles:
+                    h.remove()
+            for s in group:
+                c = cov.pop(s)
+                yield s, c.div_(n_tok)
+                del c
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    if n_tok == 0:
-        raise ValueError("no calibration tokens were counted (every position masked)")
-    return {s: c / n_tok for s, c in cov.items()}, site_of, n_tok
+
+
+def input_covariances(model: nn.Module, id_lists: Sequence[Sequence[int]], modules: dict[str, nn.Module], *,
+                      batch_size: int, pad: int, skip_tokens: int = 0, dtype: torch.dtype = torch.float64,
+                      max_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
+    """Every site's covariance at once: (covariance per site, site of each module, N). For small
+    models and tests; ``build_subspaces`` consumes ``iter_covariances`` one site at a time."""
+    stats: dict = {}
+    cov = dict(iter_covariances(model, id_lists, modules, batch_size=batch_size, pad=pad, skip_tokens=skip_tokens,
+                                dtype=dtype, max_bytes=max_bytes, stats=stats))
+    return cov, stats["site_of"], stats["n_tokens"]
 
 
 def select_rank(evals_desc: torch.Tensor, selection: str, *, energy: float = 0.99, threshold: float = 1e-2,
@@ -279,30 +337,37 @@ def eigh_desc(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------- artifact
 
 def build_subspaces(out: Path, model, id_lists, modules: dict[str, nn.Module], wcfg, *, batch_size: int, pad: int,
-                    skip_tokens: int) -> dict:
-    """Artifact builder: covariances -> eigh -> selection; writes ``subspace.safetensors``."""
+                    skip_tokens: int, max_bytes: int | None = None) -> dict:
+    """Artifact builder: covariances -> eigh -> selection, one site at a time (only that site's
+    covariance and eigenvectors are alive beside the model); writes ``subspace.safetensors``.
+    Bases and eigenvalues move to the CPU as each site finishes."""
     from safetensors.torch import save_file
 
     dtype = {"float64": torch.float64, "float32": torch.float32}[wcfg.cov_dtype]
-    cov, site_of, n_tok = input_covariances(model, id_lists, modules, batch_size=batch_size, pad=pad,
-                                            skip_tokens=skip_tokens, dtype=dtype)
     tensors: dict[str, torch.Tensor] = {}
     sites: dict[str, dict] = {}
-    for site, c in cov.items():
+    stats: dict = {}
+    for site, c in iter_covariances(model, id_lists, modules, batch_size=batch_size, pad=pad,
+                                    skip_tokens=skip_tokens, dtype=dtype, max_bytes=max_bytes, stats=stats):
         evals, evecs = eigh_desc(c.double())
+        d = c.shape[0]
+        del c
         r = select_rank(evals, wcfg.selection, energy=float(wcfg.energy), threshold=float(wcfg.threshold),
                         null_tol=float(wcfg.null_tol), rank=wcfg.rank)
         sub = Subspace.from_eigh(evals, evecs, r)
-        tensors[f"basis/{site}"] = sub.basis
+        del evecs
+        tensors[f"basis/{site}"] = sub.basis.cpu()
+        evals = evals.cpu()
         tensors[f"evals/{site}"] = evals.float()
         lam = evals.clamp_min(0)
         kept = float(lam[:r].sum() / lam.sum()) if float(lam.sum()) > 0 else 0.0
-        sites[site] = {"d_in": c.shape[0], "rank": r, "kind": sub.kind, "energy_kept": round(kept, 6),
-                       "lambda_max": float(evals[0]), "lambda_r": float(evals[r - 1]) if r else None}
+        sites[site] = {"d_in": d, "rank": r, "kind": sub.kind, "energy_kept": round(kept, 6),
+                       "lambda_max": float(evals[0]), "lambda_r": float(evals[r - 1]) if r else None,
+                       "trace": float(lam.sum())}
     save_file(tensors, str(out / "subspace.safetensors"))
     ranks = [s["rank"] / s["d_in"] for s in sites.values()]
-    return {"n_tokens": n_tok, "n_prompts": len(id_lists), "site_of": site_of, "sites": sites,
-            "mean_rank_fraction": round(sum(ranks) / len(ranks), 4)}
+    return {"n_tokens": stats["n_tokens"], "n_prompts": len(id_lists), "site_of": stats["site_of"], "sites": sites,
+            "accumulation_passes": stats["passes"], "mean_rank_fraction": round(sum(ranks) / len(ranks), 4)}
 
 
 def load_subspaces(path: Path, meta: dict) -> dict[str, Subspace]:

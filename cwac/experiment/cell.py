@@ -135,11 +135,33 @@ def run_cell(cfg: DictConfig) -> dict:
             return read_record(run_dir)  # type: ignore[return-value]
         if (run_dir / RECORD).exists():
             log.info("not reusing the record at %s: %s; running the cell", run_dir, why)
+        committed = committed_record(cfg, run_dir.name, chash)
+        if committed is not None:
+            return committed
     with run_lock(run_dir, cell_name(cfg), main):
         if cfg.skip_complete and is_complete(run_dir, chash):   # finished by another launch meanwhile
             log.info("complete record exists for this config at %s; skipping (skip_complete=false reruns)", run_dir)
             return read_record(run_dir)  # type: ignore[return-value]
         return _attempt(cfg, run_dir, chash, main)
+
+
+def committed_record(cfg: DictConfig, name: str, chash: str) -> dict | None:
+    """The committed copy of this fine-tuning cell's complete record (``paths.records/<run folder>``,
+    written by ``python -m cwac.reports.archive``) when it is for the same config hash and data, else
+    None. Alignment-stage records are never taken from there: that stage's job is to build the
+    aligned artifact on this machine."""
+    if cfg.stage != "finetune" or not cfg.paths.get("records"):
+        return None
+    folder = Path(cfg.paths.records) / name
+    if not (folder / RECORD).exists():
+        return None
+    reuse, why = reuse_verdict(folder, chash)
+    if not reuse:
+        log.info("not reusing the committed record at %s: %s", folder, why)
+        return None
+    log.info("a committed complete record exists for this config at %s; skipping (skip_complete=false or "
+             "paths.records=/nonexistent reruns)", folder)
+    return read_record(folder)
 
 
 def _prepare_attempt(run_dir: Path) -> Path:

@@ -217,3 +217,27 @@ def test_a_record_is_reused_only_on_the_data_it_was_made_on(tiny_cfg, monkeypatc
     for git, reused in (({**git_info(), "dirty": False}, True), ({**git_info(), "dirty": True}, False)):
         (run_dir / "record.json").write_text(json.dumps({**rec, "git": git}))
         assert reuse_verdict(run_dir, rec["config_hash"])[0] is reused
+
+
+def test_a_committed_record_is_reused_on_a_fresh_machine(tiny_cfg, tmp_path, monkeypatch):
+    """A complete record copied to ``paths.records/<run folder>`` (the repository's results/records)
+    is reused when runs/ is empty, for the same config hash only; ``skip_complete=false`` reruns."""
+    import shutil
+
+    from cwac.experiment.cell import run_cell, run_dir_for
+
+    calls: list[str] = []
+    _fake_run(monkeypatch, hs=7.0, calls=calls)
+    committed = tmp_path / "committed"
+    cfg = tiny_cfg(f"paths.records={committed}")
+    first = run_cell(cfg)
+    run_dir = run_dir_for(cfg)
+    shutil.copytree(run_dir, committed / run_dir.name)       # what `python -m cwac.reports.archive` keeps
+    shutil.rmtree(run_dir)                                   # a fresh machine: runs/ is gone
+    again = run_cell(cfg)
+    assert len(calls) == 1 and again["run_id"] == first["run_id"]
+    other = tiny_cfg(f"paths.records={committed}", "seed=7")     # another config hash: runs
+    run_cell(other)
+    assert len(calls) == 2
+    run_cell(tiny_cfg(f"paths.records={committed}", "skip_complete=false"))
+    assert len(calls) == 3

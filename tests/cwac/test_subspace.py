@@ -70,6 +70,46 @@ def test_covariance_masks_padding_and_shares_sites(tiny_model):
         assert c1[s].dtype == torch.float64
 
 
+def test_covariances_one_group_at_a_time_match_all_at_once(tiny_model):
+    """Under a memory budget of one 128-wide accumulator the sites are accumulated in one pass each
+    (never two d x d accumulators alive together) and give the same covariances."""
+    from cwac.constraints.activations import encode_prompts
+    from cwac.constraints.subspace import find_targets, iter_covariances
+    from cwac.data.harmful import held_in_harmful_prompts
+    from cwac.data.prompts import pad_id
+
+    model, tok, fmt, _ = tiny_model
+    ids = encode_prompts(fmt, held_in_harmful_prompts()[:6], 64)
+    mods = find_targets(model, ["q_proj", "o_proj", "gate_proj", "down_proj"], [0, 1])
+    kw = dict(batch_size=3, pad=pad_id(tok))
+    every, one = {}, {}
+    whole = dict(iter_covariances(model, ids, mods, max_bytes=1 << 40, stats=every, **kw))
+    alive, biggest = [], 0
+    for site, c in iter_covariances(model, ids, mods, max_bytes=128 * 128 * 8, stats=one, **kw):
+        alive.append(site)
+        biggest = max(biggest, c.shape[0])
+        assert torch.equal(c, whole[site])            # the grouping does not change a bit
+        del c
+    assert every["passes"] == 1 and one["passes"] == len(whole) == 8 and biggest == 256
+    assert alive == sorted(whole, key=lambda n: (int(n.split(".")[1]), n))   # layer order, each once
+
+
+def test_subspace_artifact_leaves_out_the_shared_prefix(tiny_cfg, tmp_path):
+    """CWAC's default (``weight.mask_shared_prefix: true``) counts no template-prefix token: the
+    artifact's token count is the calibration tokens minus prefix x prompts."""
+    from cwac.utils import compose_config
+
+    assert compose_config("method=cwac").method.weight.mask_shared_prefix is True
+    _cfg, model, _tok, method, _feats = _setup(tiny_cfg, tmp_path)
+    method.prepare(model)
+    sub = method.info["subspace"]
+    prefix = method.info["prompts"]["template_prefix_tokens"]
+    n_cal = sum(len(x) for x in method.ids["calibration"])
+    assert prefix > 0
+    assert sub["n_tokens"] == n_cal - prefix * len(method.ids["calibration"])
+    assert set(sub["rank_by_site"]) and all(r >= 0 for r in sub["rank_by_site"].values())
+
+
 # ----------------------------------------------------------------------------- training mechanism
 
 def _setup(tiny_cfg, tmp_path, *overrides, lora: bool = False):
