@@ -12,10 +12,14 @@ reference) and offer ``normalize="spectral"`` (``C = V V^T / sigma_max^2``: eige
 [0, 1], the dominant alignment direction is kept exactly). The eigen-range of each C is stored
 in the artifact's metadata so a reader can see which regime a model is in.
 
-Storage: a ``C`` matrix costs ``d_out^2``; when ``d_out > 2 d_in`` (e.g. ``gate_proj`` /
-``up_proj``) we store the thin factor ``F = V / sqrt(norm)`` instead (``C = F F^T``), which is
-smaller and cheaper to apply. The set of matrices is an artifact keyed by (base, aligned,
-targets, normalisation), computed once and reused by every cell and both methods.
+Storage: a ``C`` matrix costs ``d_out^2``; when ``d_out > d_in`` (e.g. ``gate_proj`` /
+``up_proj``) we store the factor ``F = V / sqrt(norm)`` instead (``C = F F^T``), which is
+smaller (``d_out d_in``). The set of matrices is an artifact keyed by (base, aligned, targets,
+normalisation), computed once (float32) and reused by every cell and both methods; a method
+loads it tensor by tensor in the dtype and on the device it asks for (the model's dtype, and
+the CPU when it offloads), so that the float32 set never sits in memory whole. Nothing derived
+from C (``(I - C)^2``, ``F^T F``) is kept: ``penalty_op`` recomputes what it needs per call,
+one matrix at a time.
 """
 
 from __future__ import annotations
@@ -40,19 +44,22 @@ class Projector:
 
     C: torch.Tensor | None = None
     F: torch.Tensor | None = None
-    _M: torch.Tensor | None = None   # (I - C)^2, dense form, built on first use
-    _K: torch.Tensor | None = None   # F^T F, factor form
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The stored tensor (``C`` or ``F``)."""
+        return self.C if self.C is not None else self.F
 
     @property
     def d_out(self) -> int:
-        return (self.C if self.C is not None else self.F).shape[0]
+        return self.tensor.shape[0]
 
-    def to(self, device, dtype=torch.float32) -> "Projector":
-        t = self.C if self.C is not None else self.F
+    def to(self, device, dtype=torch.float32, non_blocking: bool = False) -> "Projector":
+        t = self.tensor
         if t.device == torch.device(device) and t.dtype == dtype:
             return self
-        return Projector(None if self.C is None else self.C.to(device, dtype),
-                         None if self.F is None else self.F.to(device, dtype))
+        moved = t.to(device, dtype, non_blocking=non_blocking)
+        return Projector(C=moved) if self.C is not None else Projector(F=moved)
 
     def apply(self, X: torch.Tensor) -> torch.Tensor:
         """``C X``."""
@@ -62,16 +69,19 @@ class Projector:
         return self.C if self.C is not None else self.F @ self.F.T
 
     def penalty_op(self, X: torch.Tensor) -> torch.Tensor:
-        """``(I - C)^T (I - C) X = (I - C)^2 X`` (C is symmetric): one matrix product per call."""
+        """``(I - C)^T (I - C) X = (I - C)^2 X`` (C is symmetric), without forming ``(I - C)^2``.
+
+        Dense: ``X - 2 C X + C (C X)``. Factor: ``X + F (K P - 2 P)`` with ``P = F^T X`` and
+        ``K = F^T F`` formed for a wide ``X`` (full fine-tuning's Delta W), or ``F^T (F P)`` for a
+        thin one (a LoRA factor), whichever is cheaper. Nothing is cached between calls.
+        """
         if self.C is not None:
-            if self._M is None:
-                eye = torch.eye(self.C.shape[0], dtype=self.C.dtype, device=self.C.device)
-                self._M = eye - 2 * self.C + self.C @ self.C
-            return self._M @ X
-        if self._K is None:
-            self._K = self.F.T @ self.F
-        P = self.F.T @ X
-        return X + self.F @ (self._K @ P - 2 * P)
+            CX = self.C @ X
+            return X - 2 * CX + self.C @ CX
+        F = self.F
+        P = F.T @ X
+        Q = (F.T @ F) @ P if X.shape[1] >= F.shape[1] else F.T @ (F @ P)
+        return X + F @ (Q - 2 * P)
 
 
 def _sigma_max(V: torch.Tensor, exact: bool, iters: int = 50) -> float:
@@ -101,7 +111,7 @@ def build_projector(V: torch.Tensor, normalize: str) -> tuple[Projector, dict]:
     if denom == 0:  # the alignment did not touch this matrix: C = 0
         F = torch.zeros(d_out, 1, dtype=torch.float32)
         return Projector(F=F), {**stats, "form": "F"}
-    if d_out > 2 * d_in:
+    if d_out > d_in:  # the factor is smaller than the dense C
         return Projector(F=V / denom ** 0.5), {**stats, "form": "F"}
     return Projector(C=(V @ V.T) / denom), {**stats, "form": "C"}
 
@@ -109,9 +119,11 @@ def build_projector(V: torch.Tensor, normalize: str) -> tuple[Projector, dict]:
 class AlignmentSubspace:
     """Canonical module name (``model.layers.0.self_attn.q_proj``) -> ``Projector``."""
 
-    def __init__(self, projectors: dict[str, Projector], stats: dict[str, dict] | None = None):
+    def __init__(self, projectors: dict[str, Projector], stats: dict[str, dict] | None = None,
+                 elsewhere: frozenset = frozenset()):
         self.projectors = projectors
         self.stats = stats or {}
+        self.elsewhere = elsewhere   # in the artifact, not loaded here (another rank's share)
 
     def __getitem__(self, name: str) -> Projector:
         try:
@@ -121,23 +133,31 @@ class AlignmentSubspace:
                            f"{len(self.projectors)} matrices (e.g. {next(iter(self.projectors), None)})") from None
 
     def __contains__(self, name: str) -> bool:
-        return name in self.projectors
+        return name in self.projectors or name in self.elsewhere
 
     def names(self) -> list[str]:
         return list(self.projectors)
 
     @classmethod
-    def load(cls, folder: str | Path) -> "AlignmentSubspace":
-        from safetensors.torch import load_file
+    def load(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
+             names=None) -> "AlignmentSubspace":
+        """The artifact in ``folder``, read one tensor at a time and converted to ``dtype`` on
+        ``device``; only ``names`` when given (the others are listed in ``elsewhere``)."""
+        from safetensors import safe_open
 
         from cwac.artifacts import ArtifactStore
 
-        tensors = load_file(str(Path(folder) / FILE))
         projs: dict[str, Projector] = {}
-        for key, t in tensors.items():
-            name, form = key.rsplit("::", 1)
-            projs[name] = Projector(C=t) if form == "C" else Projector(F=t)
-        return cls(projs, ArtifactStore.meta(folder)["meta"].get("stats", {}))
+        skipped = set()
+        with safe_open(str(Path(folder) / FILE), framework="pt") as f:
+            for key in f.keys():
+                name, form = key.rsplit("::", 1)
+                if names is not None and name not in names:
+                    skipped.add(name)
+                    continue
+                t = f.get_tensor(key).to(device, dtype)
+                projs[name] = Projector(C=t) if form == "C" else Projector(F=t)
+        return cls(projs, ArtifactStore.meta(folder)["meta"].get("stats", {}), frozenset(skipped))
 
 
 def _checkpoint_names(path: str, hub_ok: bool) -> set[str]:
@@ -178,8 +198,22 @@ def build_subspace(out: Path, base_path: str, aligned_path: str, targets: list[s
             "c_eig_max_range": [min(eig), max(eig)]}
 
 
-def alignment_subspace(ctx, targets: list[str], normalize: str = "fro") -> AlignmentSubspace:
-    """The (cached) alignment subspace between ``ctx.base_model_path`` and ``ctx.start_model_path``."""
+def planned_subspace(targets, spec) -> tuple[list[tuple[int, int]], int]:
+    """For a memory plan (a ``cwac.memory.PlanSpec``, no model): the (d_out, d_in) of every targeted
+    map (``targets`` as ``method.targets``; ``auto`` as ``baselines._common.adapted_targets``) and the
+    elements of the stored set over all layers: per map C (d_out^2) or F (d_out x d_in), the smaller."""
+    if targets in (None, "auto"):
+        names = list(spec.lora_targets) if spec.lora else list(LINEAR_TARGETS)
+    else:
+        names = [str(t) for t in targets]
+    shapes = [spec.shapes.linear(t) for t in names]
+    return shapes, spec.shapes.n_layers * sum(o * i if o > i else o * o for o, i in shapes)
+
+
+def alignment_subspace(ctx, targets: list[str], normalize: str = "fro", dtype: torch.dtype = torch.float32,
+                       device="cpu", names=None) -> AlignmentSubspace:
+    """The (cached) alignment subspace between ``ctx.base_model_path`` and ``ctx.start_model_path``,
+    loaded in ``dtype`` on ``device`` (only ``names`` when given)."""
     if ctx.base_model_path is None:
         raise ValueError("this method needs the pre-alignment base model: set model.base_path (e.g. "
                          "meta-llama/Llama-2-7b-hf for Llama-2-7b-chat), or use model.align=true so that our "
@@ -191,9 +225,9 @@ def alignment_subspace(ctx, targets: list[str], normalize: str = "fro") -> Align
         raise ValueError("alignment_subspace needs an ArtifactStore in the TrainContext")
     hub_ok = ctx.hub_ok
     key = {"base": str(ctx.base_model_path), "aligned": str(ctx.start_model_path), "targets": sorted(targets),
-           "normalize": normalize, "version": 1}
+           "normalize": normalize, "version": 2}   # 2: factor form whenever d_out > d_in
     folder = ctx.store.get_or_build(
         "alignment_subspace", key,
         lambda out: build_subspace(out, str(ctx.base_model_path), str(ctx.start_model_path), sorted(targets),
                                    normalize, hub_ok))
-    return AlignmentSubspace.load(folder)
+    return AlignmentSubspace.load(folder, dtype, device, names)

@@ -18,22 +18,28 @@ import random
 from baselines._data import safety_rows
 from cwac.data.examples import Example
 from cwac.api import Method
+from cwac.schema import ConfigError
 
 
 class SafeInstr(Method):
     stages = ("finetune",)
 
+    @classmethod
+    def check_config(cls, node, cfg, key, stage) -> None:
+        """``count`` (when set) is an integer >= 0, else ``fraction`` is in [0, 1]."""
+        if node.count is not None:
+            if isinstance(node.count, bool) or not isinstance(node.count, int) or node.count < 0:
+                raise ConfigError(f"config {key}.count={node.count!r} is not valid: it must be an integer >= 0, "
+                                  f"or null to use {key}.fraction")
+        elif isinstance(node.fraction, bool) or not isinstance(node.fraction, (int, float)) \
+                or not 0.0 <= node.fraction <= 1.0:
+            raise ConfigError(f"config {key}.fraction={node.fraction!r} is not valid: it must be a number in [0, 1] "
+                              f"(default 0.1), or set {key}.count=<rows>")
+
     def n_safety(self, n_rows: int) -> int:
         if self.cfg.count is not None:
-            n = int(self.cfg.count)
-        else:
-            f = float(self.cfg.fraction)
-            if not 0.0 <= f <= 1.0:
-                raise ValueError(f"method.fraction must be in [0, 1], got {f}")
-            n = int(round(f * n_rows))
-        if n < 0:
-            raise ValueError(f"method.count must be >= 0, got {n}")
-        return n
+            return int(self.cfg.count)
+        return int(round(float(self.cfg.fraction) * n_rows))
 
     def build_train_data(self, rows: list[Example]) -> list[Example]:
         n = self.n_safety(len(rows))

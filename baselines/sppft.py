@@ -7,9 +7,12 @@ Every parameter of a contiguous band of decoder layers ("safety layers") ``[firs
 
 Which band (first match wins):
   1. ``method.band`` — an explicit ``[first, last]``;
-  2. ``method.bands[model.name]`` — per-model bands written in the YAML (with their source);
-  3. ``method.locate_if_missing: true`` — run the locator below on the start model (cached);
-  4. ``method.relative_band: [a, b]`` — layers ``floor(a L) .. ceil(b L) - 1`` of an L-layer model.
+  2. ``method.prefer_located: true`` (``budget=paper``) — the locator below on the start model
+     (cached), for every model; a band of ``method.bands`` (for Llama-2 and Llama-3 recalled from
+     the paper, not verified) is kept only as a comparison in the record (``recalled_band``);
+  3. ``method.bands[model.name]`` — per-model bands written in the YAML (with their source);
+  4. ``method.locate_if_missing: true`` — the locator, for a model missing from ``bands``;
+  5. ``method.relative_band: [a, b]`` — layers ``floor(a L) .. ceil(b L) - 1`` of an L-layer model.
 
 Locator (the paper's step 1; step 2, refining the bounds by scaling candidate bands and counting
 over-rejections, is not implemented): for N normal and M malicious prompts, take the hidden
@@ -155,25 +158,38 @@ class SPPFT(Method):
     stages = ("finetune",)
 
     def resolve_band(self, model) -> tuple[tuple[int, int], str]:
+        """The band and where it came from (module doc); with ``prefer_located`` a recalled band of
+        ``method.bands`` is left in ``self.recalled`` for the record."""
         n_layers = len(decoder_layers(model))
         name = self.ctx.model_name
         bands = self.cfg.bands or {}
+        self.recalled = None
         if self.cfg.band is not None:
             band, source = tuple(self.cfg.band), "method.band"
+        elif self.cfg.prefer_located:
+            band, source = self._located(model, "method.prefer_located=false"), "locator (Safety Layers step 1; prefer_located)"
+            if name in bands:
+                rec = [int(x) for x in bands[name].layers]
+                self.recalled = {"band": rec, "source": f"method.bands.{name} ({bands[name].source})",
+                                 "agrees": rec == [int(x) for x in band], "used": False}
         elif name in bands:
             band, source = tuple(bands[name].layers), f"method.bands.{name} ({bands[name].source})"
         elif self.cfg.locate_if_missing:
-            res = located_band(self.ctx.store, self.ctx.start_model_path, model, self.ctx.formatter, self.cfg.locate)
-            if res["band"] is None:
-                raise ValueError("the safety-layer locator found no layer that opens the normal/malicious gap; "
-                                 "set method.band explicitly")
-            band, source = tuple(res["band"]), "locator (Safety Layers step 1)"
+            band, source = self._located(model, "method.locate_if_missing=false"), "locator (Safety Layers step 1)"
         else:
             band, source = relative_band(*self.cfg.relative_band, n_layers), f"relative_band {list(self.cfg.relative_band)}"
         first, last = int(band[0]), int(band[1])
         if not 0 <= first <= last < n_layers:
             raise ValueError(f"SPPFT band [{first}, {last}] ({source}) is not inside the model's {n_layers} layers")
         return (first, last), source
+
+    def _located(self, model, other_fix: str) -> tuple[int, int]:
+        """The locator's band for the start model (an artifact: built once per model and config)."""
+        res = located_band(self.ctx.store, self.ctx.start_model_path, model, self.ctx.formatter, self.cfg.locate)
+        if res["band"] is None:
+            raise ValueError("the safety-layer locator found no layer that opens the normal/malicious gap; "
+                             f"set method.band explicitly, or {other_fix}")
+        return tuple(res["band"])
 
     def configure_model(self, model):
         (first, last), source = self.resolve_band(model)
@@ -186,8 +202,32 @@ class SPPFT(Method):
                 p.requires_grad_(False)
         self.info = {"band": [first, last], "source": source, "n_layers": len(layers), "frozen_params": frozen,
                      "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        if self.recalled is not None:
+            self.info["recalled_band"] = self.recalled
         log.info("SPPFT: froze decoder layers %d-%d of %d (%s)", first, last, len(layers), source)
         return model
 
     def record_info(self) -> dict:
         return getattr(self, "info", {})
+
+    @classmethod
+    def planned_memory(cls, cfg, spec) -> dict[str, int]:
+        """SPPFT holds nothing extra; its frozen band has no gradients and no optimizer state, a
+        negative entry (docs/scale.md). The band as ``resolve_band`` picks it without the locator
+        (which the plan does not run: a recalled band, else ``relative_band``, stands in for it,
+        with ``prefer_located`` too)."""
+        from cwac.memory import key
+
+        s = spec.shapes
+        bands = cfg.bands or {}
+        if cfg.band is not None:
+            first, last = int(cfg.band[0]), int(cfg.band[1])
+        elif s.name in bands:
+            first, last = (int(x) for x in bands[s.name].layers)
+        else:
+            first, last = relative_band(*cfg.relative_band, s.n_layers)
+        frozen = (last - first + 1) * s.layer_params
+        rest = spec.with_(trainable_params=max(0, spec.trainable - frozen))
+        name = f"frozen band {first}-{last}: no gradients or optimizer state"
+        return {key(name, host=h): rest.optimizer_bytes(w) - spec.optimizer_bytes(w)
+                for h, w in ((False, "device"), (True, "host")) if spec.optimizer_bytes(w)}

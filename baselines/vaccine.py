@@ -28,21 +28,27 @@ from omegaconf import OmegaConf
 
 from cwac.modeling import decoder_layers, unwrap_engine
 from cwac.api import LossOutput, Method
+from cwac.schema import ConfigError
 
 
 class Vaccine(Method):
     stages = ("align", "finetune")
 
+    @classmethod
+    def check_config(cls, node, cfg, key, stage) -> None:
+        """Fine-tuning: the start model is our Vaccine-aligned artifact. Alignment: ``norm`` is valid."""
+        if stage == "finetune":
+            if not cfg.model.align or cfg.alignment.method.name != "vaccine":
+                raise ConfigError(f"config method=vaccine with method@alignment.method={cfg.alignment.method.name} "
+                                  f"model.align={str(bool(cfg.model.align)).lower()}: Vaccine acts in the alignment "
+                                  "stage; fine-tuning is plain SFT on a Vaccine-aligned model. Run `python run.py "
+                                  "method=vaccine method@alignment.method=vaccine model.align=true` (our alignment stage)")
+        elif node.norm not in ("batch", "example"):
+            raise ConfigError(f"config {key}.norm={node.norm!r} is not valid; valid values: batch, example")
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.rho = float(cfg.rho)
-        if cfg.norm not in ("batch", "example"):
-            raise ValueError(f"method.norm must be 'batch' or 'example', got {cfg.norm!r}")
-        if ctx.stage == "finetune":
-            if not ctx.aligned_by_us or ctx.alignment.method.name != "vaccine":
-                raise ValueError("Vaccine acts in the alignment stage; fine-tuning is plain SFT on a Vaccine-aligned "
-                                 "model. Run `python run.py method=vaccine method@alignment.method=vaccine` with "
-                                 "model.align=true (our alignment stage).")
         self.last_eps: list[torch.Tensor] = []  # the perturbation of the latest micro-batch (inspection, tests)
 
     def packing_unsupported(self) -> str | None:
@@ -107,3 +113,14 @@ class Vaccine(Method):
             node = OmegaConf.to_container(self.ctx.alignment.method, resolve=True)
             return {"stage": "finetune", "note": "fine-tuning is plain SFT", "alignment_method": node}
         return {"stage": "align", "rho": self.rho, "norm": self.cfg.norm, "note": "two passes per micro-batch"}
+
+    @classmethod
+    def planned_memory(cls, cfg, spec) -> dict[str, int]:
+        """Vaccine's own tensors in the alignment stage it runs in (docs/scale.md): the gradients G_l
+        of pass 1 and the perturbations eps_l of every layer's attention output, each
+        (micro-batch x tokens x d_model) in the model dtype. The fine-tuning stage is plain SFT."""
+        from cwac.memory import key
+
+        s = spec.shapes
+        buf = s.n_layers * spec.tokens * s.d_model * spec.dtype_bytes
+        return {key("alignment stage: pass-1 gradients G_l and perturbations eps_l"): 2 * buf}

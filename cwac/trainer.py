@@ -51,11 +51,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def slurm_rendezvous(env=os.environ) -> dict[str, str]:
+    """The launcher variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) of a SLURM
+    job step with several tasks (``hydra/launcher=slurm hydra.launcher.tasks_per_node=8``: one
+    task per GPU, each running the cell), read from SLURM's own variables; {} when there is one
+    task or a launcher already set them."""
+    if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return {}
+    nodes = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
+    head = nodes.split(",")[0]
+    if "[" in head:   # e.g. gpu[003-004,007] -> gpu003
+        prefix, rest = head.split("[", 1)
+        head = prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR", head),
+            "MASTER_PORT": env.get("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))}
+
+
 def init_distributed() -> tuple[int, int]:
     """Initialise torch.distributed for DeepSpeed; single-process defaults when no launcher."""
     import deepspeed
 
     if not torch.distributed.is_initialized():
+        os.environ.update(slurm_rendezvous())
         # No launcher (or variables we set ourselves and a child process inherited, whose port
         # the parent may still hold): a single-rank group on a fresh local port.
         if "RANK" not in os.environ or os.environ.get("CWAC_SELF_RENDEZVOUS") == "1":
@@ -71,7 +89,9 @@ def train_device() -> torch.device:
     this rank's GPU when CUDA is available and DeepSpeed is not pinned to the CPU
     (``DS_ACCELERATOR=cpu``), else the CPU. DeepSpeed puts its engine on the same device."""
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", slurm_rendezvous().get("LOCAL_RANK", "0")))
+        n = torch.cuda.device_count()   # a task that sees one GPU (CUDA_VISIBLE_DEVICES per task) uses cuda:0
+        return torch.device("cuda", local % n if n else local)
     return torch.device("cpu")
 
 
@@ -188,12 +208,22 @@ def unpartition_zero3(engine) -> None:
     """
     import deepspeed
 
-    params = list(engine.module.parameters())
+    module = engine.module
+    params = list(module.parameters())
     with deepspeed.zero.GatheredParameters(params):
         full = [p.data.clone() for p in params]
     engine.destroy()  # removes the ZeRO-3 forward/backward hooks
+    for h in ("module_forward_pre_hook", "module_forward_post_hook"):   # the engine's own (its forward prologue
+        if getattr(engine, h, None) is not None:                      # would wrap the parameter dicts again)
+            getattr(engine, h).remove()
     for p, f in zip(params, full):
         p.data = f
+        for attr in ("ds_id", "_z3_optimizer"):   # code that asks "is this a ZeRO-3 parameter?" now reads p.data
+            if hasattr(p, attr):
+                delattr(p, attr)
+    for m in module.modules():   # DeepSpeed's parameter dicts gather on access; plain dicts again
+        if type(m._parameters) is not dict:
+            m._parameters = dict(m._parameters)
 
 
 def train(model: torch.nn.Module, features: list[dict], method: Method, tc: DictConfig, tokenizer,

@@ -30,13 +30,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from cwac.artifacts import ArtifactStore
 from cwac.constraints.activations import encode_conversations, encode_prompts, resolve_layer, shared_prefix_len
-from cwac.constraints.drift import DriftProbe, full_weight_copies
+from cwac.constraints.basis import store_bases
+from cwac.constraints.drift import DriftProbe
+from cwac.constraints.partitioned import OnDevice, PartitionedWeightConstraint
 from cwac.constraints.pool import build_pool, formatter_identity, model_identity
 from cwac.constraints.sae import (ActivationConstraint, SafetyLatents, all_latents, benign_examples,
                                   collect_residuals, layer_from_hook_name, load_sae, prompt_latents, sae_quality,
                                   select_latents, selection_scores, split_eval, train_topk_sae)
-from cwac.constraints.subspace import (WeightConstraint, build_subspaces, check_mode, find_targets, load_subspaces,
-                                       parse_targets, resolve_layers)
+from cwac.constraints.sae_corpus import ResidualStream, extra_harmful_prompts, refused_prompts
+from cwac.constraints.subspace import build_subspaces, check_mode, find_targets, load_subspaces, parse_targets, resolve_layers
+from cwac.modeling import is_lora
 from cwac.data.prompts import pad_id
 from cwac.modeling import decoder_layers, hf_model
 from cwac.schema import CWACConfig
@@ -72,7 +75,7 @@ class CWAC(Method):
         if not (self.use_weight or self.use_act):
             raise ValueError("CWAC with both constraints disabled is plain SFT; use method=sft")
         self.zero_stage = int(ctx.training.zero_stage)
-        self.weight: WeightConstraint | None = None
+        self.weight: PartitionedWeightConstraint | None = None
         self.act: ActivationConstraint | None = None
         self.probes: dict[str, DriftProbe] = {}
         self.w0: dict[str, torch.Tensor] = {}
@@ -97,6 +100,8 @@ class CWAC(Method):
         cfg, ctx = self.cfg, self.ctx
         if self.use_weight:  # before any artifact is built
             tc = ctx.training
+            # ZeRO-3 is supported by both modes (cwac.constraints.partitioned); the remaining refusal
+            # (ZeRO-0 mixed precision with weight decay in update mode) does not depend on stage 3
             check_mode(cfg.weight.mode, self.zero_stage, str(tc.precision), float(tc.weight_decay))
         store: ArtifactStore = ctx.store
         tok, fmt = ctx.tokenizer, ctx.formatter
@@ -106,6 +111,7 @@ class CWAC(Method):
 
         t = time.time()
         pool = build_pool(cfg.prompts, model, tok, fmt, store, ctx.start_model_path)
+        self.pool = pool
         timings["pool"] = time.time() - t
         max_tok = int(cfg.prompts.max_prompt_tokens)
         self.ids = {k: encode_prompts(fmt, getattr(pool, k), max_tok) for k in ("calibration", "reg", "heldout")}
@@ -124,11 +130,13 @@ class CWAC(Method):
             timings["weight"] = time.time() - t
         dcfg = cfg.diagnostics
         self.info["zero_stage"] = self.zero_stage
-        if dcfg.drift and self.zero_stage >= 3:
-            self._warn("per-map drift diagnostics are skipped under ZeRO-3 (weights are partitioned)")
-        if dcfg.drift and self.zero_stage < 3:
+        if self.use_act and int(dcfg.grad_norm_every) > 0 and self.zero_stage >= 3:
+            self._warn("the task / safety gradient-norm diagnostics (diagnostics.grad_norm_every) are skipped under "
+                       "ZeRO-3 (its parameters are partitioned placeholders outside DeepSpeed's own backward)")
+        if dcfg.drift:   # post_train runs on the whole weights (the loop gathers them after ZeRO-3)
             t = time.time()
-            self.w0 = self.weight.w0 if self.weight is not None else full_weight_copies(modules)
+            self.w0 = (self.weight.w0 if self.weight is not None else
+                       {n: m.weight.detach().clone().cpu() for n, m in modules.items() if not is_lora(m)})
             for part in ("heldout", "calibration"):
                 probe = DriftProbe(self.ids[part], int(dcfg.drift_tokens), batch_size=self.bs, pad=self.pad,
                                    skip_tokens=self._skip(cfg.weight.mask_shared_prefix))
@@ -166,12 +174,19 @@ class CWAC(Method):
             "cwac_subspace", key,
             lambda out: build_subspaces(out, model, self.ids["calibration"], modules, w, batch_size=self.bs,
                                         pad=self.pad, skip_tokens=skip))
-        self.weight = WeightConstraint(load_subspaces(path, meta), w.mode, self.zero_stage)
+        dcfg = self.cfg.diagnostics
+        dtype = next(model.parameters()).dtype
+        subspaces, basis_info = store_bases(load_subspaces(path, meta), dtype, w.mode, float(w.basis_tol))
+        self.weight = PartitionedWeightConstraint(subspaces, w.mode, self.zero_stage,
+                                                  keep_w0_for_diagnostics=bool(dcfg.drift) or int(dcfg.leak_every) > 0)
         self.weight.attach(model)
         ranks = {s: v["rank"] for s, v in meta["sites"].items()}
         fracs = [v["rank"] / v["d_in"] for v in meta["sites"].values()]
         self.info["subspace"] = {**art, "n_tokens": meta["n_tokens"], "n_prompts": meta["n_prompts"],
                                  "mode": w.mode, "lora": self.weight.lora, "n_maps": len(modules),
+                                 "w0": self.weight.w0_device,
+                                 "basis_dtype": sorted({v["dtype"] for v in basis_info.values()}),
+                                 "basis_projection_error_max": max(v["projection_error"] for v in basis_info.values()),
                                  "n_sites": len(meta["sites"]), "rank_by_site": ranks,
                                  "rank_fraction_mean": round(sum(fracs) / len(fracs), 4),
                                  "rank_fraction_min": round(min(fracs), 4), "rank_fraction_max": round(max(fracs), 4),
@@ -239,39 +254,79 @@ class CWAC(Method):
         c = s.corpus
         skip = self._skip(bool(c.mask_shared_prefix), int(c.skip_first_tokens))
         sae_cfg = {k: v for k, v in _container(s).items() if k not in ("source", "path", "release", "sae_id")}
+        for k in ("harmful_extra", "chunk_tokens"):   # null: the corpus as before the keys existed (the same key)
+            if sae_cfg["corpus"].get(k, 0) is None:
+                del sae_cfg["corpus"][k]
         key = {**self.keys, "layer": layer, "reg": pool.hashes()["reg"], "sae": sae_cfg, "skip_tokens": skip,
                "task": self.ctx.task if c.benign_source == "task" else None}
+        if c.get("harmful_extra") is not None:   # which extra prompts survive: the pool's refusal filter and heldout
+            p = self.cfg.prompts
+            key["harmful_extra_filter"] = {"filter_refused": bool(p.filter_refused),
+                                           "max_new_tokens": int(p.refusal_max_new_tokens),
+                                           "min_refused_fraction": float(p.min_refused_fraction),
+                                           "heldout": pool.hashes()["heldout"]}
         path, meta, art = self._artifact("cwac_sae", key, lambda out: self._build_sae(out, model, layer, skip))
         return {"artifact": f"cwac_sae/{art['hash']}"}, art, meta
 
     def _build_sae(self, out, model, layer: int, skip: int) -> dict:
+        """Train the SAE on the corpus of ``cwac.constraints.sae_corpus``: the pool's harmful prompts
+        (plus ``corpus.harmful_extra``) and benign rows, their residuals regenerated chunk by chunk
+        (``corpus.chunk_tokens``; null: one chunk holding everything)."""
         s = self.cfg.sae
         c = s.corpus
-        last: list = [None] * len(self.ids["reg"])
-        harm = collect_residuals(model, layer, self.ids["reg"], batch_size=self.bs, pad=self.pad, skip_tokens=skip,
-                                 last=last)
-        self._reg_last = (layer, torch.stack(last))  # reused by _build_latents (pooling=last) in this process
+        extra, extra_info = self._extra_harmful(model) if c.get("harmful_extra") is not None else ([], None)
+        n_reg = len(self.ids["reg"])
+
+        def collect(id_lists, last=None):
+            return collect_residuals(model, layer, id_lists, batch_size=self.bs, pad=self.pad, skip_tokens=skip,
+                                     last=last)
+
         rows = benign_examples(c, int(s.seed), self.ctx.task)
-        target = int((1 - float(c.harmful_fraction)) * int(c.tokens))
-        ids, n = [], 0
-        for e in rows:
-            if n >= target:
-                break
-            x = encode_conversations(self.ctx.formatter, [e], int(c.max_len))[0]
-            ids.append(x)
-            n += max(0, len(x) - skip)
-        benign = (collect_residuals(model, layer, ids, batch_size=self.bs, pad=self.pad, skip_tokens=skip)
-                  if target > 0 else torch.zeros(0, harm.shape[1]))
+        benign_ids = (encode_conversations(self.ctx.formatter, [e], int(c.max_len))[0] for e in rows)
+        stream = ResidualStream(collect, self.ids["reg"] + extra, benign_ids, d=int(hf_model(model).config.hidden_size),
+                                skip=skip, tokens=int(c.tokens), harmful_fraction=float(c.harmful_fraction),
+                                chunk_tokens=c.get("chunk_tokens"))
+        first = stream.next_chunk(keep_last=True)
+        harm, benign = first.harmful, first.benign
+        if first.harmful_index[:n_reg] == list(range(n_reg)):   # every pool prompt is in the first chunk
+            self._reg_last = (layer, torch.stack(first.last[:n_reg]))  # reused by _build_latents (pooling=last)
+        del first
         h_tr, h_ev = split_eval(harm, float(s.train.eval_fraction), int(s.seed))
         b_tr, b_ev = split_eval(benign, float(s.train.eval_fraction), int(s.seed)) if len(benign) else (benign, benign)
-        sae, tinfo = train_topk_sae(h_tr, b_tr, s, int(s.seed))
+        d_in = int(harm.shape[1])
+        del harm, benign   # the stream's batches hold the first chunk's training part, and free it for the next
+        bs = int(s.train.batch_size)
+        batches = stream.batches(h_tr, b_tr, bs, int(s.seed))
+        del h_tr, b_tr   # held by the batches alone from here
+        empty = torch.zeros(0, d_in)
+        sae, tinfo = train_topk_sae(empty, empty, s, int(s.seed), batches=batches)
+        del batches
         sae.save_inference_model(str(out / "sae"))
         inf = load_sae(s, out)
-        return {"layer": layer, "d_in": int(harm.shape[1]), "d_sae": int(inf.cfg.d_sae), "k": int(s.k),
-                "tokens": {"harmful": len(harm), "benign": len(benign), "harmful_prompts": len(self.ids["reg"]),
-                           "benign_rows": len(ids)},
+        meta = {"layer": layer, "d_in": d_in, "d_sae": int(inf.cfg.d_sae), "k": int(s.k),
+                "tokens": {"harmful": stream.rows["harmful"], "benign": stream.rows["benign"],
+                           "harmful_prompts": n_reg + len(extra), "benign_rows": stream.benign_rows},
                 "quality_heldout_harmful": sae_quality(inf, h_ev), "quality_heldout_benign": sae_quality(inf, b_ev),
                 "train": tinfo}
+        if c.get("chunk_tokens") is not None:
+            meta["chunks"] = stream.info()
+        if extra_info is not None:
+            meta["harmful_extra"] = extra_info
+        return meta
+
+    def _extra_harmful(self, model) -> tuple[list[list[int]], dict]:
+        """Token ids of ``sae.corpus.harmful_extra``'s prompts that the aligned model refuses (module
+        doc of ``cwac.constraints.sae_corpus``), outside the pool and every evaluation set."""
+        ctx, pool = self.ctx, self.pool
+        prompts, info = extra_harmful_prompts(self.cfg.sae.corpus.harmful_extra, pool.reg + pool.heldout,
+                                              int(self.cfg.sae.seed))
+        prompts, finfo = refused_prompts(prompts, model, ctx.tokenizer, ctx.formatter, self.cfg.prompts, ctx.store,
+                                         ctx.start_model_path)
+        if not prompts:
+            raise ValueError(f"method.sae.corpus.harmful_extra ({info['dataset']} {info['split']}) left no prompt after "
+                             "the evaluation-set and refusal filters; set method.sae.corpus.harmful_extra=null")
+        info = {**info, **finfo, "n_used": len(prompts)}
+        return encode_prompts(ctx.formatter, prompts, int(self.cfg.prompts.max_prompt_tokens)), info
 
     def _build_latents(self, out, model, sae, layer: int, harmless: list[str], skip: int) -> dict:
         from safetensors.torch import save_file
@@ -316,7 +371,8 @@ class CWAC(Method):
 
     def compute_loss(self, model, batch: dict, step: int) -> LossOutput:
         every = int(self.cfg.diagnostics.grad_norm_every)
-        norms = (self.act is not None and self.use_act and every > 0 and step != self._last_step and step % every == 0)
+        norms = (self.act is not None and self.use_act and every > 0 and step != self._last_step and step % every == 0
+                 and self.zero_stage < 3)   # autograd.grad w.r.t. ZeRO-3's empty placeholders is not defined
         # DeepSpeed hooks the outputs of engine.forward so that only engine.backward may run their
         # backward; the diagnostic autograd.grad calls therefore use the module's own forward.
         task = self.task_loss(getattr(model, "module", model) if norms else model, batch)
@@ -364,11 +420,14 @@ class CWAC(Method):
         t = time.time()
         diag: dict = {}
         if self.weight is not None:
-            diag["proj_leak_final"] = self.weight.leak(model)["proj_leak"]
+            leak = self.weight.leak(model)
+            if "proj_leak" in leak:   # needs W₀ (not kept in grad mode without diagnostics)
+                diag["proj_leak_final"] = leak["proj_leak"]
         if self.probes:
             modules = find_targets(model, self.targets, self.layers)
+            w0 = OnDevice(self.w0, next(model.parameters()).device)   # one map's W₀ on the device at a time
             for part, probe in self.probes.items():
-                diag[f"map_drift_{part}"] = probe.measure(model, modules, self.w0)
+                diag[f"map_drift_{part}"] = probe.measure(model, modules, w0)
         if self.act is not None:
             diag["latent_drift_heldout"] = self.act.drift(model, self.ids["heldout"], self.z_base_heldout, self.bs)
             n = min(len(self.ids["reg"]), len(self.ids["heldout"]))
@@ -383,6 +442,79 @@ class CWAC(Method):
             if v:
                 summary[k] = {"first": v[0], "last": v[-1], "mean": sum(v) / len(v), "n": len(v)}
         return {**self.info, "train_metrics": summary, "warnings": self.warnings}
+
+    @classmethod
+    def planned_memory(cls, cfg, spec) -> dict[str, int]:
+        """CWAC's own tensors (docs/scale.md): per-site covariances built one at a time on the device
+        (``weight.cov_dtype``) and eigendecomposed on the CPU in float64; the stored bases in the model
+        dtype (at most ``d_in/2`` columns a site: the free complement is stored beyond); W0 in update
+        mode only; the SAE on the device in the model dtype, trained in fp32 on the residual corpus;
+        the regulariser's extra forward of ``batch_prompts`` prompts through block l*."""
+        from cwac.constraints.activations import resolve_layer
+        from cwac.memory import activation_components, key
+
+        s, b = spec.shapes, spec.dtype_bytes
+        w, a, sae = cfg.weight, cfg.activation, cfg.sae
+        out: dict[str, int] = {}
+        if bool(w.enabled):
+            targets = parse_targets(w.targets)
+            n_layers = len(resolve_layers(w.layers, s.n_layers))
+            shared = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in",
+                      "up_proj": "mlp_in"}
+            sites = {shared.get(t, t): s.linear(t)[1] for t in targets}   # site -> d_in
+            rank = w.get("rank") if w.selection == "rank" else None
+            cols = {site: min(int(rank), d - int(rank)) if rank is not None else d // 2 for site, d in sites.items()}
+            d_big = max(sites.values())
+            cov_b = 8 if w.cov_dtype == "float64" else 4
+            out[key("covariance of one input site", "prepare")] = d_big * d_big * cov_b
+            out[key("eigendecomposition (float64: matrix, eigenvectors, workspace)", "prepare", host=True)] = 3 * d_big * d_big * 8
+            out[key(f"bases U ({n_layers} layers x {len(sites)} sites, model dtype, <= d_in/2 columns)")] = \
+                n_layers * sum(d * cols[site] for site, d in sites.items()) * b
+            o, i = max((s.linear(t) for t in targets), key=lambda oi: oi[0] * oi[1])
+            out[key("gradient projection of one map (fp32)")] = (2 * o * i + o * max(cols.values())) * 4
+            if w.mode == "update":
+                out[key("W0 of the constrained maps (fp32, update mode)")] = spec.sharded(
+                    n_layers * sum(s.linear(t)[0] * s.linear(t)[1] for t in targets) * 4)
+        if bool(cfg.diagnostics.drift) and spec.zero_stage < 3 and not (bool(w.enabled) and w.mode == "update"):
+            targets = parse_targets(w.targets)
+            n_layers = len(resolve_layers(w.layers, s.n_layers))
+            out[key("drift diagnostics: W0 copies (fp32, CPU)", host=True)] = \
+                n_layers * sum(s.linear(t)[0] * s.linear(t)[1] for t in targets) * 4
+        if bool(a.enabled) or bool(cfg.diagnostics.latent_drift):
+            d_sae = int(sae.expansion) * s.d_model
+            n_sae = 2 * d_sae * s.d_model + d_sae + s.d_model
+            out[key(f"SAE {s.d_model} x {d_sae} (model dtype)")] = n_sae * b
+            if sae.source == "train":
+                bs = int(sae.train.batch_size)
+                out[key("SAE training: fp32 weights, gradients, Adam moments, one batch", "prepare")] = \
+                    n_sae * 16 + bs * d_sae * 4 * 4
+                from cwac.data.harmful import held_in_harmful_prompts
+
+                pool = int(cfg.prompts.n_train or len(held_in_harmful_prompts()) - int(cfg.prompts.n_heldout))
+                c = sae.corpus
+                extra = c.get("harmful_extra")   # n_prompts null: bounded by a 30k-row split
+                n_extra = 0 if extra is None else int(extra.n_prompts) if extra.n_prompts is not None else 30000
+                n_res = int((1 - float(c.harmful_fraction)) * int(c.tokens)) \
+                    + (pool + n_extra) * int(cfg.prompts.max_prompt_tokens)   # benign + every harmful prompt token (bound)
+                what = "residuals"
+                if c.get("chunk_tokens") is not None:   # one chunk, each side one sequence over (sae_corpus.ResidualStream)
+                    chunk = int(c.chunk_tokens) + int(cfg.prompts.max_prompt_tokens) + int(c.max_len)
+                    n_res, what = min(n_res, chunk), "residuals, one chunk"
+                out[key(f"SAE corpus: {n_res} {what} (fp32, CPU)", "prepare", host=True)] = n_res * s.d_model * 4
+        if bool(a.enabled):
+            layer = resolve_layer(a.layer, float(a.relative_depth), s.n_layers)
+            n_tok = int(a.batch_prompts) * int(cfg.prompts.max_prompt_tokens)
+            for c in activation_components(spec, tokens=n_tok, layers=layer + 1, with_head=False,
+                                           label="regulariser forward"):
+                out[key(f"{c.name} ({n_tok} prompt tokens through block {layer})")] = c.bytes
+            if int(cfg.diagnostics.grad_norm_every) > 0:   # two autograd.grad sets before .grad exists
+                from cwac.memory import finetune_components
+
+                held = sum(c.bytes for c in finetune_components(spec) if c.where == "device"
+                           and c.name in ("gradients", "gradient reduce bucket"))
+                out[key("grad-norm diagnostics: two full gradient sets, beyond the gradients they precede")] = \
+                    max(0, 2 * spec.trainable * b - held)
+        return out
 
 
 class CWACWeightOnly(CWAC):

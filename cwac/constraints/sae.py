@@ -6,7 +6,8 @@ Offline (each piece an artifact):
    SAE (Gao et al., arXiv 2406.04093) trained with sae-lens' ``TopKTrainingSAE`` +
    ``SAETrainer`` on the aligned model's residual stream after block ``l*`` over a mix of
    benign text and refused harmful prompts (paper: 30% / 70% of tokens). The activations
-   are collected once and the trainer samples each batch in the configured proportion.
+   are collected chunk by chunk (``cwac.constraints.sae_corpus``: all at once on CPU) and the
+   trainer samples each batch in the configured proportion.
    Alternatively a sae-lens SAE is loaded from disk (``SAE.load_from_disk``) or from a
    pretrained release (needs the hub).
 2. **Safety latents** [reported: top 100; inferred: criterion]. Latents ranked by the contrast
@@ -235,8 +236,13 @@ def sae_quality(sae, acts: torch.Tensor) -> dict:
             "dead_fraction": round(1 - float(fired.float().mean()), 4), "n_eval_tokens": len(acts)}
 
 
-def train_topk_sae(harmful: torch.Tensor, benign: torch.Tensor, scfg: DictConfig, seed: int):
-    """Train a sae-lens TopK SAE on the mixed corpus; returns (training SAE, metrics)."""
+def train_topk_sae(harmful: torch.Tensor, benign: torch.Tensor, scfg: DictConfig, seed: int,
+                   batches: Iterator[torch.Tensor] | None = None):
+    """Train a sae-lens TopK SAE on the mixed corpus; returns (training SAE, metrics).
+
+    ``batches``: the training batches (``cwac.constraints.sae_corpus.ResidualStream.batches``, a
+    corpus served chunk by chunk); None: ``mixed_batches`` of ``harmful`` and ``benign``, held whole.
+    ``harmful`` gives the residual width either way."""
     from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
@@ -255,15 +261,44 @@ def train_topk_sae(harmful: torch.Tensor, benign: torch.Tensor, scfg: DictConfig
         lr_scheduler_name=str(t.lr_scheduler), lr_warm_up_steps=int(t.warmup_steps), lr_decay_steps=int(t.decay_steps),
         device=device, dead_feature_window=int(t.dead_feature_window), feature_sampling_window=max(steps + 1, 2),
         n_batches_for_norm_estimate=int(t.norm_estimate_batches), logger=LoggingConfig(log_to_wandb=False))
-    provider = mixed_batches(harmful, benign, float(scfg.corpus.harmful_fraction), bs, seed)
+    provider = batches if batches is not None else mixed_batches(harmful, benign, float(scfg.corpus.harmful_fraction),
+                                                                 bs, seed)
     trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=provider)
     trainer.fit()
     return sae.to("cpu"), {"steps": steps, "batch_size": bs, "samples": steps * bs, "device": device,
                            "dead_in_window": int(trainer.dead_neurons.sum())}
 
 
+BENIGN_SOURCES = ("alpaca", "task", "hub")
+
+
+def hub_benign_examples(hcfg, seed: int) -> Iterator:
+    """Generic benign text for the SAE corpus, streamed from the hub (``sae.corpus.hub``: an
+    OpenWebText-style corpus; the paper's is OpenWebText2, docs/method.md §4.1). Each document is
+    one ``Example`` whose instruction is the text (the user turn, as the harmful prompts are),
+    in a seeded streaming shuffle; blank documents are skipped. Needs ``offline=false``."""
+    from datasets import load_dataset
+
+    from cwac.data.examples import Example
+
+    ds = load_dataset(str(hcfg.dataset), hcfg.name, split=str(hcfg.split), streaming=True)
+    if int(hcfg.shuffle_buffer) > 1:
+        ds = ds.shuffle(seed=seed, buffer_size=int(hcfg.shuffle_buffer))
+    field = str(hcfg.text_field)
+    for row in ds:
+        text = str(row[field]).strip()
+        if text:
+            yield Example(text, "", "", f"hub:{hcfg.dataset}")
+
+
 def benign_examples(ccfg: DictConfig, seed: int, task: str | None = None):
-    """Benign rows for the SAE corpus (shuffled deterministically)."""
+    """Benign rows for the SAE corpus (shuffled deterministically): Alpaca, the task's train rows,
+    or (``hub``) a stream of generic web text that the caller reads until it has its tokens."""
+    if ccfg.benign_source == "hub":
+        if ccfg.get("hub") is None:
+            raise ValueError("method.sae.corpus.benign_source=hub needs method.sae.corpus.hub (dataset, name, split, "
+                             "text_field, shuffle_buffer), as in conf/method_budget/cwac/paper.yaml")
+        return hub_benign_examples(ccfg.hub, seed)
     if ccfg.benign_source == "alpaca":
         from cwac.data.harmful import alpaca_examples
 
@@ -273,7 +308,7 @@ def benign_examples(ccfg: DictConfig, seed: int, task: str | None = None):
 
         rows = load_task(task, "train", None)
     else:
-        raise ValueError(f"sae.corpus.benign_source must be 'alpaca' or 'task', got {ccfg.benign_source!r}")
+        raise ValueError(f"sae.corpus.benign_source must be one of {', '.join(BENIGN_SOURCES)}, got {ccfg.benign_source!r}")
     rows = list(rows)
     random.Random(seed).shuffle(rows)
     return rows

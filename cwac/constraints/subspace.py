@@ -421,9 +421,6 @@ def check_mode(mode: str, zero_stage: int = 0, precision: str = "fp32", weight_d
         raise ValueError(f"weight.mode must be one of {MODES}, got {mode!r}")
     if mode != "update":
         return
-    if zero_stage >= 3:
-        raise ValueError("weight.mode=update edits whole weights after each step, which ZeRO-3 partitions; "
-                         "use weight.mode=grad (tensor hooks) or training.zero_stage<=2")
     if zero_stage == 0 and precision != "fp32" and weight_decay > 0:
         raise ValueError(f"weight.mode=update with training.precision={precision}, zero_stage=0 and weight_decay="
                          f"{weight_decay}: DeepSpeed's ZeRO-0 mixed-precision optimizer keeps fp32 master weights "
@@ -438,11 +435,15 @@ class WeightConstraint:
     Args:
         subspaces: ``{module name: Subspace}`` (from ``load_subspaces``).
         mode: ``grad`` or ``update``.
-        zero_stage: DeepSpeed ZeRO stage of the run (update mode does not support stage 3).
+        zero_stage: DeepSpeed ZeRO stage of the run (update mode at stage 3:
+            ``cwac.constraints.partitioned.PartitionedWeightConstraint``, which CWAC uses).
     """
 
     def __init__(self, subspaces: dict[str, Subspace], mode: str, zero_stage: int = 0):
         check_mode(mode, zero_stage)
+        if mode == "update" and zero_stage >= 3:
+            raise ValueError("WeightConstraint's update mode edits whole weights after each step, which ZeRO-3 "
+                             "partitions; cwac.constraints.partitioned.PartitionedWeightConstraint gathers them")
         self.subspaces = subspaces
         self.mode = mode
         self.w0: dict[str, torch.Tensor] = {}

@@ -11,7 +11,7 @@ import re
 from functools import lru_cache
 
 from cwac.data.examples import Example
-from cwac.data.files import data_path, read_csv, read_json_list
+from cwac.data.files import DataError, data_path, read_csv, read_json_list
 from cwac.utils import normalize_prompt
 
 _BT_PROMPT = re.compile(r"### Instruction:\n(.*)\n\n### Response:", re.S)
@@ -93,6 +93,48 @@ def _advbench() -> list[str]:
     return [r["goal"].strip() for r in read_csv(path, ["goal", "target"], nonempty=["goal"])]
 
 
+#: the paper's HS prompt set (docs/method.md §6.5): the first 1000 unsafe rows of BeaverTails ``30k_test``
+BEAVERTAILS_TEST = {"dataset": "PKU-Alignment/BeaverTails", "split": "30k_test", "n": 1000}
+
+
+class HubPromptSetError(DataError):
+    """A prompt set that lives on the Hugging Face hub could not be read (offline, or no network)."""
+
+
+def first_unsafe_prompts(rows, n: int, what: str = "the split") -> list[str]:
+    """The prompts of the first ``n`` rows with ``is_safe == False``, in the split's order.
+
+    Repeated prompts are kept, as in the reference protocol (Booster's and Antidote's
+    ``poison/evaluation/pred.py``: one instruction per unsafe row until ``n``; docs/baselines.md,
+    "Harmful score"), so that HS is over the same 1000 rows. ``rows`` is any iterable of mappings with ``prompt`` and ``is_safe``."""
+    out: list[str] = []
+    for r in rows:
+        if not r["is_safe"]:
+            out.append(str(r["prompt"]).strip())
+            if len(out) == n:
+                break
+    if len(out) < n:
+        raise DataError(f"{what} has only {len(out)} unsafe rows, fewer than the {n} the prompt set takes")
+    return out
+
+
+def _beavertails_30k_test() -> list[str]:
+    """``beavertails_30k_test``: read with ``datasets`` from the hub (or its local cache). Offline
+    (``offline=true`` sets ``HF_DATASETS_OFFLINE``) and not cached, it fails naming the set and the fix."""
+    spec = BEAVERTAILS_TEST
+    try:
+        from datasets import load_dataset
+
+        rows = load_dataset(spec["dataset"], split=spec["split"])
+    except Exception as e:   # offline without a cache, no network, or no datasets package
+        raise HubPromptSetError(
+            f"prompt set 'beavertails_30k_test' (eval.hs_sets) is read from the hub ({spec['dataset']}, split "
+            f"{spec['split']}) and could not be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            "Fix: run with offline=false to download it (it is cached for later offline runs), or leave it out of "
+            "eval.hs_sets (e.g. eval.hs_sets=[beavertails_eval,harmbench_test])") from None
+    return first_unsafe_prompts(rows, spec["n"], f"{spec['dataset']} {spec['split']}")
+
+
 def _beavertails_attack_half(half: str) -> list[str]:
     """The local attack pairs' prompts split in file order. ``front``: the distinct prompts of rows
     0-99, which validate and are the only harmful rows of the CPU preset's mixes up to p = 0.2 (n = 400
@@ -114,6 +156,8 @@ PROMPT_SETS = {
     "harmbench_val": lambda: _harmbench("val"),    # 41 standard behaviours
     "rd_harmful_test": lambda: _rd_harmful_test(False),  # 259 of 572 (JailbreakBench, HarmBench test, ...)
     "rd_harmful_val": lambda: _rd("harmful_val"),
+    # harmful, evaluation only, read from the hub (offline=false, or a filled datasets cache): the paper's HS set
+    "beavertails_30k_test": _beavertails_30k_test,   # first 1000 unsafe rows of BeaverTails 30k_test
     # harmful, validation: the local attack pairs' 200 BeaverTails prompts (which the default recipe never
     # aligns on), used with harmbench_val to choose the alignment recipe without touching the HS sets
     # (README, organism); only the front 100 when a recipe aligns on the back (beavertails_attack_back)
@@ -132,6 +176,8 @@ PROMPT_SETS = {
     "rd_harmless_test": lambda: _rd("harmless_test"),
 }
 EVAL_HARMFUL_SETS = ("beavertails_eval", "harmbench_test", "harmbench_val", "rd_harmful_test", "rd_harmful_val")
+# evaluation-only sets on the hub: not in EVAL_HARMFUL_SETS, whose disjointness checks every run makes offline
+HUB_EVAL_HARMFUL_SETS = ("beavertails_30k_test",)
 HELD_IN_HARMFUL_SETS = ("advbench", "rd_harmful_train")
 ALIGNMENT_ONLY_HARMFUL_SETS = ("strongreject", "beavertails_attack_back")   # kept out of the held-in pool
 VALIDATION_HARMFUL_SETS = ("beavertails_attack_val", "harmbench_val")   # recipes are chosen here; never trained on

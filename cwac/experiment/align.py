@@ -74,4 +74,5 @@ def build_aligned(cfg: DictConfig, store: ArtifactStore, base_path: str, out: Pa
     return {"steps": res.train.steps, "train_seconds": round(res.train.seconds, 1), "n_rows": len(res.rows),
             "packing": res.train.packing,
             "loss_first": losses[0], "loss_last": losses[-1], "method": acfg.method.name,
+            "method_info": method.record_info(),
             "refusal_source": "bank:openers x reasons x redirects (cwac/alignment.py)"}

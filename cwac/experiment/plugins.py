@@ -9,6 +9,7 @@ line below, and add ``conf/method/<name>.yaml``.
 from __future__ import annotations
 
 from cwac.api import METHODS, Method
+from eval.alpaca_eval import PAIRWISE_JUDGES
 from eval.judges import JUDGES, Judge
 
 _METHODS = {
@@ -22,6 +23,11 @@ _METHODS = {
     "lisa": "baselines.lisa:Lisa",
     "safelora": "baselines.safelora:SafeLoRA",
     "vaccine": "baselines.vaccine:Vaccine",
+    "booster": "baselines.booster:Booster",
+    "tvaccine": "baselines.tvaccine:TVaccine",
+    "repnoise": "baselines.repnoise:RepNoise",
+    "ldifs": "baselines.ldifs:LDIFS",
+    "antidote": "baselines.antidote:Antidote",
 }
 _JUDGES = {
     "keyword": "eval.judges:KeywordRefusalJudge",
@@ -29,6 +35,12 @@ _JUDGES = {
     "llama_guard": "eval.model_judges:LlamaGuardJudge",
 }
 
+_PAIRWISE_JUDGES = {   # AlpacaEval win-rate judges (eval.alpaca_eval.judge_type)
+    "causal_lm": "eval.alpaca_eval:CausalLMJudge",
+}
+
+for _name, _target in _PAIRWISE_JUDGES.items():
+    PAIRWISE_JUDGES.register_lazy(_name, _target)
 for _name, _target in _METHODS.items():
     METHODS.register_lazy(_name, _target)
 for _name, _target in _JUDGES.items():

@@ -6,7 +6,10 @@
   the switches, every enumerated setting (``cwac.schema.CHOICES``), the typed nodes
   (``cwac.schema``), the sizes, the method and judge names (and the stages they run in), the
   folders runs and artifacts go to, and the weights the cell starts from (a hub id offline must
-  be in the local Hugging Face cache). Nothing is written when one fails.
+  be in the local Hugging Face cache), and that ``model.base_path`` is ``model.path``'s own base
+  (``check_base_config``: same rope_theta, sliding window and shapes), and each method's own settings
+  (``Method.check_config``, for ``method`` and, when the alignment stage runs, ``alignment.method``).
+  Nothing is written when one fails.
 * ``check_judge``: the judge is built (a model judge checks its weights; none loads).
 * ``check_inputs``: the data the cell reads, through the same readers training and evaluation
   use: checksums, row contents (blank text is an error naming the file and line), the evaluation
@@ -36,10 +39,11 @@ from cwac.experiment.align import aligned_key
 from cwac.experiment.plugins import get_judge, get_method
 from cwac.models import gguf_file, locate_weights
 from cwac.schema import CHOICES, ConfigError, TrainingConfig, check_choices, check_node
-from eval import vllm_backend
+from eval import alpaca_eval, vllm_backend
 from eval.harness import selected_prompts
 
-__all__ = ["ConfigError", "Inputs", "build_judge", "check_inputs", "check_judge", "check_settings"]
+__all__ = ["ConfigError", "Inputs", "base_config_differences", "build_judge", "check_base_config", "check_inputs",
+           "check_judge", "check_settings"]
 
 
 def _get(cfg: DictConfig, key: str):
@@ -119,6 +123,59 @@ def _check_methods(cfg: DictConfig) -> None:
         raise ConfigError(f"config method@alignment.method={cfg.alignment.method.name!r} cannot run in the "
                           f"alignment stage (it runs in: {', '.join(align.stages)}); choose an alignment method, "
                           f"e.g. method@alignment.method=sft")
+    runs = [("method", cfg.method, "finetune")] if cfg.stage == "finetune" else []
+    if cfg.model.align or cfg.stage == "align":
+        runs.append(("alignment.method", cfg.alignment.method, "align"))
+    for key, node, stage in runs:   # each method's own settings (``Method.check_config``)
+        _check_method_config(_method_class(f"{key}.name", node.name), node, cfg, key, stage)
+
+
+def _check_method_config(cls, node: DictConfig, cfg: DictConfig, key: str, stage: str) -> None:
+    """``cls.check_config`` on a read-only ``cfg``; a plain ValueError is reported under ``key``."""
+    ro = OmegaConf.is_readonly(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    try:
+        cls.check_config(node, cfg, key, stage)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"config {key}={node.name}: {e}") from None
+    finally:
+        OmegaConf.set_readonly(cfg, ro)
+
+
+def _check_deepspeed(tc: DictConfig, where: str = "training") -> None:
+    """DeepSpeed combinations that cannot run (docs/zero3.md): an offload below the ZeRO stage that
+    supports it, an offload without the switch that lets DeepSpeed keep our torch AdamW."""
+    extra = OmegaConf.to_container(tc.deepspeed_extra, resolve=True) if tc.get("deepspeed_extra") else {}
+    zero = (extra or {}).get("zero_optimization") or {}
+    stage = tc.zero_stage
+    for key, lo in (("offload_optimizer", 1), ("offload_param", 3)):
+        dev = (zero.get(key) or {}).get("device", "none")
+        if dev not in (None, "none") and stage < lo:
+            raise ConfigError(f"config {where}.deepspeed_extra.zero_optimization.{key}.device={dev!r} needs "
+                              f"{where}.zero_stage>={lo}, got {stage}; use training/deepspeed=zero3_offload "
+                              f"(docs/zero3.md) or set {where}.zero_stage=3")
+        if dev not in (None, "none") and extra.get("zero_force_ds_cpu_optimizer", True):
+            raise ConfigError(f"config {where}.deepspeed_extra.zero_optimization.{key} offloads to {dev!r} but "
+                              f"{where}.deepspeed_extra.zero_force_ds_cpu_optimizer is not false: DeepSpeed would "
+                              f"refuse the project's torch AdamW; add "
+                              f"++{where}.deepspeed_extra.zero_force_ds_cpu_optimizer=false (as the zero3_offload preset does)")
+
+
+def _check_cwac_mode(cfg: DictConfig) -> None:
+    """CWAC's projection mode against the training setup (``check_mode``): ZeRO-3 runs both modes;
+    update mode at ZeRO-0 in mixed precision with weight decay cannot reach the fp32 masters."""
+    from cwac.constraints.subspace import check_mode
+
+    node = cfg.method
+    if not str(node.name).startswith("cwac") or not OmegaConf.select(node, "weight.enabled"):
+        return
+    tc = cfg.training
+    try:
+        check_mode(node.weight.mode, int(tc.zero_stage), str(tc.precision), float(tc.weight_decay))
+    except ValueError as e:
+        raise ConfigError(f"config method.weight.mode={node.weight.mode!r}: {e}") from None
 
 
 def _check_sizes(cfg: DictConfig) -> None:
@@ -166,13 +223,93 @@ def _check_weights(cfg: DictConfig) -> None:
                 raise ConfigError(f"config model.gguf.package={m.gguf.package!r}: {e}") from None
 
 
+#: config.json keys in which a base checkpoint must equal its instruct model (``check_base_config``):
+#: positions (rope_theta, the sliding window) and every shape a weight difference W_inst - W_base spans
+BASE_CONFIG_KEYS = ("model_type", "rope_theta", "sliding_window", "hidden_size", "intermediate_size",
+                    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
+
+
+def _effective_config(c: dict) -> dict:
+    """The ``BASE_CONFIG_KEYS`` values a model built from config.json ``c`` runs with: keys absent
+    from the file take their transformers class default (Mistral's sliding window is 4096 unless
+    the file says null), ``rope_theta`` is read from ``rope_parameters`` where transformers puts it."""
+    try:
+        from transformers import AutoConfig
+
+        conf = AutoConfig.for_model(c["model_type"], **{k: v for k, v in c.items() if k != "model_type"})
+        get = lambda k: getattr(conf, k, None)   # noqa: E731
+    except Exception:   # an unknown model_type: compare the file's values as they are
+        conf, get = None, c.get
+    out = {k: get(k) for k in BASE_CONFIG_KEYS}
+    out["model_type"] = c.get("model_type")
+    if out["rope_theta"] is None:
+        out["rope_theta"] = (get("rope_parameters") or {}).get("rope_theta")
+    if get("use_sliding_window") is False:   # Qwen-style configs switch the window off by flag
+        out["sliding_window"] = None
+    if out["head_dim"] is None and out["hidden_size"] and out["num_attention_heads"]:
+        out["head_dim"] = out["hidden_size"] // out["num_attention_heads"]
+    if out["num_key_value_heads"] is None:
+        out["num_key_value_heads"] = out["num_attention_heads"]
+    return out
+
+
+def base_config_differences(instruct: dict, base: dict) -> dict[str, tuple]:
+    """``{key: (instruct value, base value)}`` for every ``BASE_CONFIG_KEYS`` entry in which two
+    ``config.json`` dicts give the model different values (``_effective_config``)."""
+    a, b = _effective_config(instruct), _effective_config(base)
+    return {k: (a[k], b[k]) for k in BASE_CONFIG_KEYS if a[k] != b[k]}
+
+
+def _read_config(path: str, offline: bool) -> dict | None:
+    """A checkpoint's config.json: from a folder, the local Hugging Face cache, or (online) the hub;
+    None when it cannot be read (the loader reports that itself when the weights are needed)."""
+    import json
+
+    p = Path(os.path.expanduser(path))
+    if p.is_dir():
+        return json.loads((p / "config.json").read_text()) if (p / "config.json").exists() else None
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+        if not isinstance(cached, str):
+            if offline:
+                return None
+            cached = hf_hub_download(path, "config.json")
+        return json.loads(Path(cached).read_text())
+    except Exception:   # gated, no network, no such repo: nothing to compare here
+        return None
+
+
+def check_base_config(cfg: DictConfig) -> None:
+    """Refuse a ``model.base_path`` whose config differs from ``model.path``'s in rope_theta, the
+    sliding window or a shape (``BASE_CONFIG_KEYS``): AsFT's and SafeLoRA's V = W_inst - W_base
+    needs the instruct model's own pre-alignment base, and a base of another release (e.g.
+    Mistral-7B-v0.1 for Instruct-v0.2) can have equal shapes yet a different pretraining. Configs
+    that cannot be read (offline and not cached) are not compared."""
+    m = cfg.model
+    if m.source != "hub" or not m.base_path or not m.path:
+        return
+    inst = _read_config(str(m.path), bool(cfg.offline))
+    base = _read_config(str(m.base_path), bool(cfg.offline)) if inst is not None else None
+    if inst is None or base is None:
+        return
+    diff = base_config_differences(inst, base)
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} in model.path vs {b!r} in model.base_path" for k, (a, b) in diff.items())
+        raise ConfigError(f"config model.base_path={m.base_path!r} is not the base of model.path={m.path!r}: their "
+                          f"configs differ ({shown}). AsFT and SafeLoRA use W_inst - W_base, which needs the instruct "
+                          f"model's own pre-alignment checkpoint. Fix: set model.base_path to the base of the same "
+                          f"release (e.g. mistralai/Mistral-7B-v0.3 for mistralai/Mistral-7B-Instruct-v0.3)")
+
+
 def check_settings(cfg: DictConfig) -> None:
     """Refuse a config with any bad setting (see the module docstring); reads no data file and
     writes nothing. Raises ``ConfigError`` (a ValueError) naming the key, the value and the fix."""
     seed = _get(cfg, "seed")
     if not _is_int(seed) or not 0 <= seed < 2**32:
         raise ConfigError(f"config seed={seed!r} is not valid: it must be an integer in [0, 2**32), e.g. seed=42")
-    for key in ("offline", "skip_complete", "model.align", "eval.keep_model", "eval.progress"):
+    for key in ("offline", "skip_complete", "model.align", "eval.keep_model", "eval.progress", "eval.hs_pool"):
         _bool(cfg, key)
     _int(cfg, "threads", 1, null_ok=True)
     check_choices(cfg)
@@ -180,10 +317,40 @@ def check_settings(cfg: DictConfig) -> None:
         check_choices(alignment_training(cfg), {k[len("training."):]: v for k, v in CHOICES.items()
                                                 if k.startswith("training.")}, prefix="alignment.training.")
     _check_methods(cfg)
+    _check_deepspeed(cfg.training)
+    _check_cwac_mode(cfg)
     _check_sizes(cfg)
     _writable("paths.runs", cfg.paths.runs, "CWAC_RUNS")
     _writable("paths.artifacts", cfg.paths.artifacts, "CWAC_ARTIFACTS")
     _check_weights(cfg)
+    check_base_config(cfg)
+    _check_hub_corpora(cfg)
+
+
+def _check_hub_corpora(cfg: DictConfig) -> None:
+    """A method that streams data from the hub (CWAC's SAE corpus, ``sae.corpus.benign_source=hub``)
+    cannot run offline: a stream is never cached. ``sae.corpus.harmful_extra`` reads the hub too,
+    and is refused a test split (the paper's HS set is BeaverTails ``30k_test``)."""
+    for key in ("method", "alignment.method"):
+        extra = OmegaConf.select(cfg, f"{key}.sae.corpus.harmful_extra")
+        if extra is not None:
+            from cwac.constraints.sae_corpus import check_harmful_extra
+
+            try:
+                check_harmful_extra(extra, f"{key}.sae.corpus.harmful_extra")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    if not cfg.offline:
+        return
+    for key in ("method", "alignment.method"):
+        if OmegaConf.select(cfg, f"{key}.sae.corpus.benign_source") == "hub":
+            raise ConfigError(f"config {key}.sae.corpus.benign_source=hub streams the SAE's benign text from the hub "
+                              f"({OmegaConf.select(cfg, f'{key}.sae.corpus.hub.dataset')}), and the run is offline; "
+                              f"run with offline=false, or set {key}.sae.corpus.benign_source=alpaca")
+        if OmegaConf.select(cfg, f"{key}.sae.corpus.harmful_extra") is not None:
+            raise ConfigError(f"config {key}.sae.corpus.harmful_extra reads more harmful prompts for the SAE from the "
+                              f"hub ({OmegaConf.select(cfg, f'{key}.sae.corpus.harmful_extra.dataset')}), and the run "
+                              f"is offline; run with offline=false, or set {key}.sae.corpus.harmful_extra=null")
 
 
 def judge_kwargs(cfg: DictConfig) -> dict:
@@ -206,8 +373,10 @@ def build_judge(cfg: DictConfig):
 
 
 def check_judge(cfg: DictConfig) -> None:
-    """Build the judge once (``build_judge``), after ``setup_env`` has set the offline switches."""
+    """Build the judge once (``build_judge``), after ``setup_env`` has set the offline switches; for
+    task=alpaca_eval also check ``eval.alpaca_eval`` and build its win-rate judge (no weights load)."""
     build_judge(cfg)
+    alpaca_eval.check_settings(cfg)
 
 
 @dataclass
@@ -215,6 +384,26 @@ class Inputs:
     """What ``check_inputs`` built on the way: the fine-tuning mix (None in the alignment stage)."""
 
     rows: list[Example] | None
+
+
+def _check_defence_pairs(cfg: DictConfig, key: str) -> None:
+    """The harmful pairs a defence reads itself (``<key>.harmful_source``, ``<key>.n_harmful``:
+    Antidote, Booster, T-Vaccine, RepNoise; ``baselines._harmful.harmful_pairs``): a count larger
+    than the source, or a hub split that cannot be read, fails here rather than after the model loads."""
+    node = OmegaConf.select(cfg, key)
+    if node is None or "harmful_source" not in node:
+        return
+    from baselines._harmful import harmful_pairs
+
+    try:
+        harmful_pairs(str(node.harmful_source), node.n_harmful)
+    except (DataError, ValueError) as e:
+        raise ConfigError(f"config {key}: {e}") from None
+    except Exception as e:   # the hub split could not be read
+        raise ConfigError(f"config {key}.harmful_source=hub: BeaverTails could not be read from the hub "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); with offline=true it "
+                          f"must already be in the local datasets cache. Set offline=false to download it, or "
+                          f"{key}.harmful_source=local") from e
 
 
 def check_inputs(cfg: DictConfig) -> Inputs:
@@ -242,6 +431,7 @@ def check_inputs(cfg: DictConfig) -> Inputs:
     if cfg.model.align:
         if not ArtifactStore(cfg.paths.artifacts).exists("aligned", aligned_key(cfg)):   # it will be built
             alignment_rows(cfg.alignment, cfg.alignment.seed)
+            _check_defence_pairs(cfg, "alignment.method")
     if cfg.stage != "finetune":
         return Inputs(rows=None)
     try:
@@ -256,6 +446,7 @@ def check_inputs(cfg: DictConfig) -> Inputs:
         raise ConfigError(f"config {hub[0]}=hub: the data set could not be read from the hub ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}); with offline=true it must already be in "
                           f"the local datasets cache. Set offline=false to download it, or {hub[0]}=local") from e
+    _check_defence_pairs(cfg, "method")
     tc, world = cfg.training, int(os.environ.get("WORLD_SIZE", "1"))
     batch = tc.micro_batch_size * tc.gradient_accumulation_steps * world
     if len(rows) < batch:

@@ -1,23 +1,30 @@
 """Regenerate every table and plot from run records, in one command.
 
-    python -m cwac.reports.build                          # reads runs/, writes results/
+    python -m cwac.reports.build                          # reads runs/ and results/records/, writes results/
     python -m cwac.reports.build --runs runs /scratch/cwac/runs --out results
     python -m cwac.reports.build --main-p 0.2 --decimals 2 --ignore eval.batch_size
 
-Reads every ``record.json`` under the runs folders (never W&B), keeps the complete
-fine-tuning records, and writes
+Reads every ``record.json`` under the runs folders (never W&B; by default ``runs/`` and the
+committed archive ``results/records/``, written by ``python -m cwac.reports.archive``; a record in
+both counts once), keeps the complete fine-tuning records, and writes
 
-* ``results/tables/{main,ablation,ratio-<model>-<task>}[-s<setting>].{md,tex}``,
+* ``results/tables/{main,ablation,generalisation,ratio-<model>-<task>,lr-<model>-<task>}[-s<setting>].{md,tex}``
+  (each caption names the organism version and the seeds),
 * ``results/plots/{hs_vs_p,fa_vs_hs}-<model>-<task>*.png`` and
   ``results/plots/curves-<model>-<task>-p<p>*.png``,
 * ``results/tables/timings.md``: every cell's seconds per phase and the host it ran on,
+* ``results/claims.md`` and the "Claims" section of ``results/index.md``: the paper's four claims
+  checked on the main setting's records (``cwac.reports.claims``),
 * ``results/index.md``: every table, links to the plots, what is missing (failed and
-  unfinished cells), the command and the date.
+  unfinished cells), the command and the date,
+* ``sweeps/queue.md`` (when writing ``results/`` from the default folders): the cell queue and its
+  progress (``cwac.reports.queue``).
 
 Records whose configs differ beyond the table axes (another budget, judge, training
-recipe) form separate *settings*; the largest one gets the plain file names, the others a
-``-s<hash>`` suffix and a caption saying how they differ. ``tables/`` and ``plots/`` are
-rewritten from scratch on every build.
+recipe, organism version) form separate *settings*; the largest one gets the plain file names, the
+others a ``-s<hash>`` suffix and a caption saying how they differ. Within a setting, every table but
+the learning-rate one keeps the records at the setting's most common learning rate. ``tables/`` and
+``plots/`` are rewritten from scratch on every build.
 """
 
 from __future__ import annotations
@@ -31,16 +38,26 @@ from collections import Counter
 from pathlib import Path
 
 from cwac.reports import plots
+from cwac.reports.claims import check_claims, claims_markdown
 from cwac.reports.collect import Coverage, Result, flatten, load_results, setting_diff
-from cwac.reports.tables import (ABLATION, ABLATION_ONLY, Table, ratio_table, task_table, timings_markdown, to_latex,
-                            to_markdown)
+from cwac.reports.organism import organism_name
+from cwac.reports.tables import (ABLATION, ABLATION_ONLY, GENERALISATION, Table, generalisation_table, lr_table,
+                                 pretty, ratio_table, task_table, timings_markdown, to_latex, to_markdown)
 
 
 def slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "_", s).strip("_")
 
 
-def describe_setting(r: Result, seeds: list[int]) -> str:
+def describe_organism(rs: list[Result]) -> str:
+    """Caption text naming the organism version of each model in a table's records."""
+    by = sorted({(r.model, r.organism) for r in rs})
+    if len(by) == 1:
+        return organism_name(by[0][1])
+    return "; ".join(f"{pretty('model', m)}: {organism_name(o)}" for m, o in by)
+
+
+def describe_setting(r: Result, seeds: list[int], show_lr: bool = True) -> str:
     """Caption text for the protocol a table's records share."""
     c = flatten(r.config)
 
@@ -54,7 +71,7 @@ def describe_setting(r: Result, seeds: list[int]) -> str:
     regime = "LoRA" if c.get("training.lora.enabled") else "full fine-tuning"
     parts = [
         f"n = {g('harmful.n_total')} fine-tuning rows ({g('harmful.source')} harmful pairs)",
-        f"{regime}, {g('training.epochs')} epoch(s), lr {g('training.lr')}, "
+        f"{regime}, {g('training.epochs')} epoch(s), " + (f"lr {g('training.lr')}, " if show_lr else "") +
         f"batch {g('training.micro_batch_size')}x{g('training.gradient_accumulation_steps')}, "
         f"max_len {g('training.max_len')}",
         f"HS: {g('judge.name')} judge on {', '.join(map(str, sets)) or '?'} ({hs_n} prompts per set, "
@@ -65,6 +82,7 @@ def describe_setting(r: Result, seeds: list[int]) -> str:
 
 
 ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_ROOTS = ("runs", "results/records")   # relative to the working directory
 README_BEGIN = "<!-- BEGIN results/tables/main.md"
 README_END = "<!-- END results/tables/main.md -->"
 
@@ -84,9 +102,16 @@ LEGEND = ("Mean ± std over seeds (n = number of seeds; a single seed shows its 
           "bold = best per column within each model (FA highest, HS lowest).")
 
 
+def modal_lr(rs: list[Result]) -> float | None:
+    """The learning rate most of a setting's records used (ties: the smaller)."""
+    counts = Counter(r.lr for r in rs if r.lr is not None)
+    return min(counts, key=lambda lr: (-counts[lr], lr)) if counts else None
+
+
 def build(roots: list[Path], out: Path, main_p: float = 0.1, decimals: int = 1, ignore: tuple[str, ...] = (),
-          make_plots: bool = True, command: str | None = None) -> dict:
-    """Write tables, plots and ``index.md`` into ``out``; return what was written."""
+          make_plots: bool = True, command: str | None = None, queue_note: str | None = None) -> dict:
+    """Write tables, plots, ``claims.md`` and ``index.md`` into ``out``; return what was written.
+    ``queue_note``: a line on the cell queue's progress for the index's coverage section."""
     results, cov = load_results(roots, ignore)
     tdir, pdir = out / "tables", out / "plots"
     for d, exts in ((tdir, ("*.md", "*.tex")), (pdir, ("*.png",))):
@@ -98,29 +123,64 @@ def build(roots: list[Path], out: Path, main_p: float = 0.1, decimals: int = 1, 
     settings = [s for s, _ in Counter(r.setting for r in results).most_common()]
     tables: list[Table] = []
     plot_files: list[Path] = []
+    claims_md = None
     for si, setting in enumerate(settings):
-        rs = [r for r in results if r.setting == setting]
+        every_lr = [r for r in results if r.setting == setting]
+        lr = modal_lr(every_lr)
+        rs = [r for r in every_lr if r.lr == lr]
         suffix = "" if si == 0 else f"-s{setting}"
-        caption = LEGEND + " Setting: " + describe_setting(rs[0], [r.seed for r in rs]) + "."
+
+        differs = ""
         if si > 0:
             diff = setting_diff(results, setting, settings[0], ignore)
             shown = "; ".join(f"{k} = {a} (main setting: {b})" for k, (a, b) in list(diff.items())[:8])
-            caption += f" Differs from the main setting in: {shown}{' ...' if len(diff) > 8 else ''}."
+            differs = f" Differs from the main setting in: {shown}{' ...' if len(diff) > 8 else ''}."
+
+        def caption_for(group: list[Result], show_lr: bool = True) -> str:
+            """The legend, the group's organism version, its protocol and seeds, how the setting differs."""
+            org = describe_organism(group)
+            return (LEGEND + f" {org[0].upper()}{org[1:]}. Setting: "
+                    + describe_setting(group[0], [r.seed for r in group], show_lr) + "." + differs)
+
+        caption = caption_for(rs)
         at_p = [r for r in rs if abs(r.p - main_p) < 1e-9]
-        t = task_table(at_p, f"main{suffix}", f"Main results at p = {main_p:g} (paper §7.1 layout)", caption,
+        main_tasks = [r for r in at_p if r.task not in GENERALISATION]
+
+        def captioned(group: list[Result], extra: str = "") -> str:
+            return (caption_for(group) if group else caption) + extra
+
+        t = task_table(main_tasks, f"main{suffix}", f"Main results at p = {main_p:g} (paper §7.1 layout)",
+                       captioned(main_tasks, " GSM8K's FA on a 135M model is low; it is reported as measured."
+                                 if any(r.task == "gsm8k" and r.model == "smollm2_135m" for r in main_tasks) else ""),
                        lambda m: m.partition(" [")[0] not in ABLATION_ONLY)
         if t:
             tables.append(t)
-        if any(r.method.partition(" [")[0] in ABLATION_ONLY for r in at_p):
-            t = task_table(at_p, f"ablation{suffix}", f"Component ablation at p = {main_p:g} (paper §7.4 layout)",
-                           caption, lambda m: m.partition(" [")[0] in ABLATION)
+        if any(r.method.partition(" [")[0] in ABLATION_ONLY for r in main_tasks):
+            abl = [r for r in main_tasks if r.method.partition(" [")[0] in ABLATION]
+            t = task_table(main_tasks, f"ablation{suffix}", f"Component ablation at p = {main_p:g} (paper §7.4 layout)",
+                           captioned(abl), lambda m: m.partition(" [")[0] in ABLATION)
             if t:
                 tables.append(t)
+        gen = [r for r in at_p if r.task in GENERALISATION]
+        t = generalisation_table(gen, f"generalisation{suffix}",
+                                 f"Generalisation at p = {main_p:g} (paper §7.2 layout)", captioned(gen))
+        if t:
+            tables.append(t)
+        if si == 0:
+            seeds = ", ".join(map(str, sorted({r.seed for r in rs})))
+            claims_md = claims_markdown(check_claims(rs, main_p), f"Records: the main setting ({describe_organism(rs)}; "
+                                        f"lr {'?' if lr is None else f'{lr:g}'}; seeds {seeds}).")
         pairs = sorted({(r.model, r.task) for r in rs})
         for model, task in pairs:
             t = ratio_table(rs, model, task, f"ratio-{slug(model)}-{slug(task)}{suffix}",
                             caption + " Averages are over the p columns shown, per seed, for the seeds that every "
                             "column has (a column can show more seeds than its average uses).")
+            if t:
+                tables.append(t)
+        for model, task in sorted({(r.model, r.task) for r in every_lr if abs(r.p - main_p) < 1e-9}):
+            group = [r for r in every_lr if abs(r.p - main_p) < 1e-9 and r.model == model and r.task == task]
+            t = lr_table(group, model, task, f"lr-{slug(model)}-{slug(task)}{suffix}", caption_for(group, False)
+                         + f" At p = {main_p:g}; the other tables use lr {'?' if lr is None else f'{lr:g}'}.")
             if t:
                 tables.append(t)
         if not make_plots:
@@ -142,13 +202,18 @@ def build(roots: list[Path], out: Path, main_p: float = 0.1, decimals: int = 1, 
     timings = timings_markdown(results)
     if timings:
         (tdir / "timings.md").write_text(timings)
-    (out / "index.md").write_text(index_md(tables, plot_files, cov, results, out, decimals, command, timings))
+    if claims_md is None:
+        claims_md = claims_markdown(check_claims([], main_p), "No complete fine-tuning records.")
+    (out / "claims.md").write_text(claims_md)
+    (out / "index.md").write_text(index_md(tables, plot_files, cov, results, out, decimals, command, timings,
+                                           claims_md, queue_note))
     return {"tables": [t.name for t in tables] + (["timings"] if timings else []),
             "plots": [p.name for p in plot_files], "coverage": cov, "n_results": len(results)}
 
 
 def index_md(tables: list[Table], plot_files: list[Path], cov: Coverage, results: list[Result], out: Path,
-             decimals: int, command: str | None, timings: str | None = None) -> str:
+             decimals: int, command: str | None, timings: str | None = None, claims: str | None = None,
+             queue_note: str | None = None) -> str:
     commits = Counter(f"{(r.git.get('commit') or 'unknown')[:10]}{'+dirty' if r.git.get('dirty') else ''}"
                       for r in results)
     finished = sorted(r.finished for r in results if r.finished)
@@ -164,6 +229,9 @@ def index_md(tables: list[Table], plot_files: list[Path], cov: Coverage, results
     for t in tables:
         lines += [to_markdown(t, decimals), f"Files: [tables/{t.name}.md](tables/{t.name}.md), "
                   f"[tables/{t.name}.tex](tables/{t.name}.tex)", ""]
+    if claims:
+        lines += [claims.replace("\n### ", "\n#### ").rstrip("\n"),
+                  "", "File: [claims.md](claims.md)", ""]
     if timings:
         lines += [timings, "File: [tables/timings.md](tables/timings.md)", ""]
     if plot_files:
@@ -179,24 +247,37 @@ def index_md(tables: list[Table], plot_files: list[Path], cov: Coverage, results
         lines.append(f"  - unfinished `{f['cell']}` (started {f.get('started')})")
     if cov.duplicates:
         lines.append(f"- duplicate records of the same cell (newest kept): {len(cov.duplicates)}")
+    if queue_note:
+        lines.append(f"- {queue_note}")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cwac.reports.build", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", nargs="+", default=["runs"], help="runs folders to read (searched recursively)")
+    ap.add_argument("--runs", nargs="+", default=None,
+                    help="runs folders to read, searched recursively (default: runs/ and results/records/, "
+                         "those that exist)")
     ap.add_argument("--out", default=str(ROOT / "results"), help="output folder (default: results/)")
     ap.add_argument("--main-p", type=float, default=0.1, help="harmful ratio of the main and ablation tables")
     ap.add_argument("--decimals", type=int, default=1)
     ap.add_argument("--ignore", nargs="*", default=[], help="dotted config keys that must not split settings")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--no-queue", action="store_true", help="do not regenerate sweeps/queue.md")
     args = ap.parse_args(argv)
+    default_roots = args.runs is None
+    if default_roots:
+        args.runs = [r for r in DEFAULT_ROOTS if Path(r).is_dir()]
     for r in args.runs:
         if not Path(r).is_dir():
             ap.error(f"runs folder {r!r} does not exist; pass the folder your sweeps wrote (paths.runs)")
     command = "python -m cwac.reports.build " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    queue_note = None
+    if default_roots and not args.no_queue and Path(args.out).resolve() == (ROOT / "results").resolve():
+        from cwac.reports.queue import build_queue, progress
+
+        queue_note = progress(build_queue([Path(r) for r in args.runs])) + ": [sweeps/queue.md](../sweeps/queue.md)"
     res = build([Path(r) for r in args.runs], Path(args.out), args.main_p, args.decimals, tuple(args.ignore),
-                not args.no_plots, command.strip())
+                not args.no_plots, command.strip(), queue_note)
     main_table = Path(args.out) / "tables" / "main.md"
     if Path(args.out).resolve() == (ROOT / "results").resolve() and main_table.exists():
         splice_readme(ROOT / "README.md", main_table.read_text())   # the README's headline table

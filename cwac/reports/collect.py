@@ -10,7 +10,9 @@ ratio p, method and seed. Two records that share the axes but differ anywhere el
 not be averaged together, so every record also gets
 
 * a **setting**: the hash of its config without the axes (budget sizes, training and
-  evaluation protocol, judge, alignment recipe); each setting gets its own tables;
+  evaluation protocol, judge, alignment recipe) and of its organism version (the aligned
+  artifact's key, ``cwac.reports.organism``); each setting gets its own tables, so records of two
+  organism versions never share one;
 * **variant labels** for the axes whose node differs from the most common node of that
   name (e.g. a CWAC run with another lambda becomes ``CWAC [lam=1.0]``).
 """
@@ -23,6 +25,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cwac.reports.organism import organism_key
 from cwac.utils import stable_hash
 
 log = logging.getLogger(__name__)
@@ -31,7 +34,9 @@ log = logging.getLogger(__name__)
 NON_SEMANTIC = ("paths", "logger", "skip_complete", "sweep_name", "offline", "threads", "eval.progress",
                 "training.progress")
 AXIS_NODES = ("model", "task", "method", "alignment.method")
-AXES = ("seed", "stage", "harmful.ratio", *AXIS_NODES)
+# ``training.lr`` is an axis of the learning-rate table only; the other tables keep the setting's
+# most common value (``Result.lr``).
+AXES = ("seed", "stage", "harmful.ratio", "training.lr", *AXIS_NODES)
 
 
 @dataclass
@@ -53,6 +58,9 @@ class Result:
     git: dict = field(default_factory=dict, repr=False)
     timings: dict = field(default_factory=dict, repr=False)   # record["timings"]: seconds per phase
     host: dict = field(default_factory=dict, repr=False)      # record["host"]: CPU, ISA flags, threads, GPU
+    organism: str = ""  # the aligned artifact's key (cwac.reports.organism); "none" without our alignment
+    lr: float | None = None                                   # training.lr
+    metrics: dict = field(default_factory=dict, repr=False)   # record["metrics"]
 
 
 @dataclass
@@ -186,8 +194,17 @@ def method_label(config: dict, method: str, align_method: str) -> str:
     return f"{align_method}+{method}"
 
 
+def _identity(rec: dict, run_dir: Path) -> tuple:
+    """The same run read twice (from ``runs/`` and from the archive ``results/records/``) has the
+    same identity: its run id, or, for records without one, its folder name and end time."""
+    if rec.get("run_id"):
+        return ("run_id", rec["run_id"])
+    return ("folder", run_dir.name, rec.get("config_hash"), rec.get("finished"))
+
+
 def load_results(roots: list[str | Path], ignore: tuple[str, ...] = ()) -> tuple[list[Result], Coverage]:
-    """Complete fine-tuning records under ``roots`` (searched recursively) and the coverage.
+    """Complete fine-tuning records under ``roots`` (searched recursively) and the coverage. A
+    record found under two roots (a runs folder and the archive) counts once.
 
     Args:
         roots: runs folders (``paths.runs``), each holding ``<cell>-<hash>/record.json``.
@@ -196,13 +213,21 @@ def load_results(roots: list[str | Path], ignore: tuple[str, ...] = ()) -> tuple
     """
     cov = Coverage()
     seen: set[Path] = set()
+    identities: set[tuple] = set()
     records: list[dict] = []
     for run_dir in _iter_run_dirs([Path(r) for r in roots]):
         run_dir = run_dir.resolve()
         if run_dir in seen:
             continue
         seen.add(run_dir)
+        if run_dir.name == "rerun" or "history" in run_dir.parts[-3:-1]:   # an attempt in progress, or superseded
+            continue
         rec = _read_json(run_dir / "record.json")
+        if rec is not None:
+            ident = _identity(rec, run_dir)
+            if ident in identities:
+                continue
+            identities.add(ident)
         if rec is None:
             started = _read_json(run_dir / "started.json") or {}
             cov.unfinished.append({"cell": started.get("cell", run_dir.name), "run_dir": str(run_dir),
@@ -228,11 +253,13 @@ def load_results(roots: list[str | Path], ignore: tuple[str, ...] = ()) -> tuple
         metrics = rec.get("metrics", {})
         res = Result(model=m, task=t, p=float(node(cfg, "harmful").get("ratio", 0.0)),
                      method=method_label(cfg, me, al), seed=int(rec.get("seed", cfg.get("seed", 0))),
-                     setting=stable_hash(setting_of(cfg, ignore), 6), hs=metrics.get("hs"), fa=metrics.get("fa"),
+                     setting=stable_hash({"config": setting_of(cfg, ignore), "organism": organism_key(rec)}, 6),
+                     hs=metrics.get("hs"), fa=metrics.get("fa"),
                      over_refusal=metrics.get("over_refusal"), run_dir=rec["_run_dir"],
                      finished=str(rec.get("finished", "")), config=cfg, git=rec.get("git") or {},
-                     timings=rec.get("timings") or {}, host=rec.get("host") or {})
-        key = (res.setting, res.model, res.task, res.p, res.method, res.seed)
+                     timings=rec.get("timings") or {}, host=rec.get("host") or {}, organism=organism_key(rec),
+                     lr=node(cfg, "training").get("lr"), metrics=metrics)
+        key = (res.setting, res.model, res.task, res.p, res.lr, res.method, res.seed)
         old = results.get(key)
         if old is not None:  # same cell twice (e.g. two runs folders): keep the newest, report the other
             keep, drop = (res, old) if res.finished >= old.finished else (old, res)

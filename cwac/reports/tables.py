@@ -6,6 +6,9 @@ LaTeX (booktabs).
 * **ratio** (§7.3): one table per model and task, rows method, columns HS per p, then the
   average HS and the average FA over those p.
 * **ablation** (§7.4): the main layout restricted to CWAC and its single-constraint variants.
+* **generalisation** (§7.2): rows model x method, PubMedQA FA / HS and the AlpacaEval win rate (AE,
+  the FA of ``task=alpaca_eval`` records; absent, with the reason, when no judge scored it).
+* **lr**: one table per model and task, rows method, FA and HS per fine-tuning learning rate.
 
 Every cell is mean ± sample std over seeds (n = 1: the value alone); the ``n`` column gives
 the number of seeds. An average over tasks (or p) is taken per seed, over the seeds present
@@ -23,7 +26,9 @@ from dataclasses import dataclass, field
 from cwac.reports.collect import Result
 
 TASK_ORDER = ("sst2", "agnews", "gsm8k")
-TASK_NAMES = {"sst2": "SST-2", "agnews": "AG News", "gsm8k": "GSM8K", "pubmedqa": "PubMedQA"}
+TASK_NAMES = {"sst2": "SST-2", "agnews": "AG News", "gsm8k": "GSM8K", "pubmedqa": "PubMedQA",
+              "alpaca_eval": "AlpacaEval"}
+GENERALISATION = ("pubmedqa", "alpaca_eval")   # tasks of the §7.2 table, never of the main one
 MODEL_ORDER = ("llama2_7b_chat", "llama3_8b_instruct", "mistral_7b_instruct", "gemma2_9b_it", "smollm2_135m", "tiny")
 MODEL_NAMES = {"llama2_7b_chat": "Llama-2-7B", "llama3_8b_instruct": "Llama-3-8B", "mistral_7b_instruct": "Mistral-7B",
                "gemma2_9b_it": "Gemma-2-9B", "smollm2_135m": "SmolLM2-135M", "tiny": "tiny Llama"}
@@ -197,6 +202,60 @@ def ratio_table(results: list[Result], model: str, task: str, name: str, caption
         cells["avg/hs"] = _average(groups, "hs")
         cells["avg/fa"] = _average(groups, "fa")
         table.rows.append(Row([pretty("method", method)], "all", cells, _seeds_text([len(g) for g in groups])))
+    return table
+
+
+def generalisation_table(results: list[Result], name: str, title: str, caption: str) -> Table | None:
+    """Paper §7.2: PubMedQA FA and HS, and AE (the AlpacaEval win rate: the FA of ``task=alpaca_eval``
+    records). When no record has a win rate, the caption says why (``metrics.fa_absent``)."""
+    rs = [r for r in results if r.task in GENERALISATION]
+    if not rs:
+        return None
+    cols = [Column("pubmedqa/fa", "FA ↑", "PubMedQA", True), Column("pubmedqa/hs", "HS ↓", "PubMedQA", False),
+            Column("alpaca_eval/fa", "AE ↑", "AlpacaEval", True)]
+    ae = [r for r in rs if r.task == "alpaca_eval"]
+    if not any(r.fa is not None for r in ae):
+        reasons = sorted({str(r.metrics.get("fa_absent")) for r in ae if r.metrics.get("fa_absent")})
+        why = ("; ".join(reasons) if reasons else
+               "no AlpacaEval record: the win rate needs a judge model (eval.alpaca_eval.judge), and none is "
+               "available offline")
+        caption = f"{caption} AE is absent: {why}."
+    table = Table(name, title, caption, ["Model", "Method"], cols)
+    by: dict[tuple[str, str, str], list[Result]] = defaultdict(list)
+    for r in rs:
+        by[(r.model, r.method, r.task)].append(r)
+    for model in _order("model", (r.model for r in rs)):
+        for j, method in enumerate(_order("method", (r.method for r in rs if r.model == model))):
+            pq, al = by.get((model, method, "pubmedqa"), []), by.get((model, method, "alpaca_eval"), [])
+            cells = {"pubmedqa/fa": Stat.of([r.fa for r in pq]), "pubmedqa/hs": Stat.of([r.hs for r in pq]),
+                     "alpaca_eval/fa": Stat.of([r.fa for r in al])}
+            table.rows.append(Row([pretty("model", model) if j == 0 else "", pretty("method", method)], model, cells,
+                                  _seeds_text([len(pq), len(al)])))
+    return table
+
+
+def lr_table(results: list[Result], model: str, task: str, name: str, caption: str) -> Table | None:
+    """Learning-rate sensitivity for one model and task: FA and HS per fine-tuning lr, rows method."""
+    rs = [r for r in results if r.model == model and r.task == task and r.lr is not None]
+    lrs = sorted({float(r.lr) for r in rs})
+    if len(lrs) < 2:
+        return None
+    cols: list[Column] = []
+    for lr in lrs:
+        g = f"lr {lr:g}"
+        cols += [Column(f"{lr:g}/fa", "FA ↑", g, True), Column(f"{lr:g}/hs", "HS ↓", g, False)]
+    title = f"Learning-rate sensitivity: {pretty('model', model)}, {pretty('task', task)}"
+    table = Table(name, title, caption, ["Method"], cols)
+    by: dict[tuple[str, float], list[Result]] = defaultdict(list)
+    for r in rs:
+        by[(r.method, float(r.lr))].append(r)
+    for method in _order("method", (r.method for r in rs)):
+        cells: dict[str, Stat | None] = {}
+        for lr in lrs:
+            cells[f"{lr:g}/fa"] = Stat.of([r.fa for r in by.get((method, lr), [])])
+            cells[f"{lr:g}/hs"] = Stat.of([r.hs for r in by.get((method, lr), [])])
+        table.rows.append(Row([pretty("method", method)], "all", cells,
+                              _seeds_text([len(by.get((method, lr), [])) for lr in lrs])))
     return table
 
 

@@ -1,5 +1,6 @@
 """Lisa: the state switches at the configured optimizer steps, alignment steps train on alignment
-rows, and the proximal term pulls towards the snapshot taken at the last switch."""
+rows, and the proximal term pulls towards the snapshot taken at the last switch, through a
+gradient hook that gives the former loss term's gradient, once per step."""
 
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def test_state_switches_at_the_configured_steps_and_alignment_steps_use_alignmen
     # alignment steps log the alignment loss, fine-tune steps the task loss
     assert all(("losses/alignment" in h) == (s == ALIGN) for h, s in zip(res.history, states))
     # no proximal term in the first 10% of the steps (steps 0 and 1 of 10)
-    assert [("losses/proximal" in h) for h in res.history[:3]] == [False, False, True]
+    assert [("metrics/proximal" in h) for h in res.history[:3]] == [False, False, True]
+    assert all("losses/proximal" not in h for h in res.history)   # a gradient hook, not a loss term
 
 
 def test_anchor_is_the_snapshot_of_the_last_switch(tiny_model, tmp_path):
@@ -77,26 +79,77 @@ def test_anchor_is_the_snapshot_of_the_last_switch(tiny_model, tmp_path):
     assert any(not torch.equal(m.anchor[n], final[n]) for n in m.anchor)
 
 
-def test_proximal_term_pulls_towards_the_anchor(tiny_model, tmp_path):
+def _step_grads(m, model, batches, step: int, hooks=True) -> dict[str, torch.Tensor]:
+    """One optimizer step as the loop runs it: hooks registered, sum of micro-batch loss / acc."""
+    model.zero_grad(set_to_none=True)
+    handles = [p.register_hook(f) for p, f in m.grad_hooks(model).items()] if hooks else []
+    for b in batches:
+        (m.compute_loss(model, b, step).total / len(batches)).backward()
+    for h in handles:
+        h.remove()
+    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def test_proximal_hook_gives_the_former_loss_gradient_once_per_step(tiny_model, tmp_path):
     model, tok, fmt, cfg = tiny_model
     m = _lisa(tiny_model, tmp_path, 100, rho=0.5, prox_off_fraction=0.0)
-    m._snapshot(model)
+    feats = features(fmt, 4)
+    batch, halves = collate_train(feats, pad_id(tok)), [collate_train(feats[i:i + 2], pad_id(tok)) for i in (0, 2)]
+    _step_grads(m, model, [batch], step=0)   # step 0's hooks take the anchor: the starting weights
+    start = params(model)
+    assert m.anchor.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    for n, a in m.anchor.items():
+        torch.testing.assert_close(a, start[n], rtol=0, atol=0)
+        assert a.dtype == start[n].dtype
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    prox = m.proximal(model)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(prox, [dict(model.named_parameters())[n] for n in names])
-    dist0 = sum(float(((p.detach() - m.anchor[n]) ** 2).sum()) for n, p in model.named_parameters())
-    for n, g in zip(names, grads):
-        torch.testing.assert_close(g, 0.5 * (dict(model.named_parameters())[n] - m.anchor[n]))
-    with torch.no_grad():  # a gradient step on the proximal term alone moves towards the anchor
-        for n, g in zip(names, grads):
-            dict(model.named_parameters())[n].sub_(0.5 * g)
-    dist1 = sum(float(((p.detach() - m.anchor[n]) ** 2).sum()) for n, p in model.named_parameters())
-    assert dist1 == pytest.approx(0.75 ** 2 * dist0, rel=1e-4)
-    loss = m.compute_loss(model, collate_train(features(fmt, 2), pad_id(tok)), step=5)
-    assert set(loss.losses) == {"task", "proximal"} and m.state(5) == FINETUNE
+    named = dict(model.named_parameters())
+    # the former Lisa: rho/2 ||w - w_tilde||^2 (float32) in the loss
+    model.zero_grad(set_to_none=True)
+    prox = m.rho / 2 * torch.stack([((named[n].float() - a.float()) ** 2).sum() for n, a in m.anchor.items()]).sum()
+    (m.task_loss(model, batch) + prox).backward()
+    ref = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    got = _step_grads(m, model, [batch], step=5)
+    logged = m.after_step(model, 5)   # what the hooks measured at step 5
+    bare = _step_grads(m, model, [batch], step=6, hooks=False)
+    assert got.keys() == ref.keys()
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got[n] - bare[n], 0.5 * (named[n] - m.anchor[n]).detach(), rtol=1e-4, atol=1e-7)
+    assert max(float((got[n] - bare[n]).abs().max()) for n in ref) > 1e-3   # the hook is what adds it
+    assert logged["proximal"] == pytest.approx(float(prox.detach()), rel=1e-5)
+    assert logged["lisa_drift_sq"] == pytest.approx(2 * float(prox.detach()) / m.rho, rel=1e-5)
+    # accumulation: two micro-batches (loss / 2 each) get the proximal gradient once
+    task = [_step_grads(m, model, [h], step=10 + i, hooks=False) for i, h in enumerate(halves)]
+    acc = _step_grads(m, model, halves, step=5)
+    for n in ref:
+        torch.testing.assert_close(acc[n], (task[0][n] + task[1][n]) / 2 + 0.5 * (named[n] - m.anchor[n]).detach(),
+                                   rtol=1e-4, atol=1e-6)
+    loss = m.compute_loss(model, batch, step=5)
+    assert set(loss.losses) == {"task"} and m.state(5) == FINETUNE
+
+
+def test_offload_keeps_the_anchor_on_the_cpu_and_fp16_is_refused(tiny_model, tmp_path):
+    model, tok, fmt, cfg = tiny_model
+    m = _lisa(tiny_model, tmp_path, 100, offload=True)
+    _step_grads(m, model, [collate_train(features(fmt, 2), pad_id(tok))], step=0)
+    assert m.anchor and {a.device.type for a in m.anchor.values()} == {"cpu"} and m.record_info()["offload"]
+    from cwac.experiment.preflight import check_settings
+    from tests.conftest import compose
+
+    with pytest.raises(ValueError, match="training.precision=fp16 is not supported"):   # pre-flight
+        check_settings(compose("model=tiny", "budget=smoke", "method=lisa", "training.precision=fp16"))
+
+
+def test_paper_scale_uses_the_reference_split(tmp_path):
+    from tests.conftest import compose
+
+    cpu, paper = compose("method=lisa").method, compose("method=lisa", "budget=paper").method
+    assert (cpu.align_steps, cpu.finetune_steps) == (2, 8)
+    assert (paper.align_steps, paper.finetune_steps) == (100, 900)
 
 
 def test_alignment_pool_is_an_artifact_of_the_recipe(tiny_model, tmp_path):

@@ -33,7 +33,10 @@ def test_count_overrides_fraction_and_bad_values_fail(tiny_model, tmp_path):
     ctx = make_ctx(cfg, tok, fmt, tmp_path)
     assert make_method("safeinstr", ctx, count=3).n_safety(400) == 3
     assert make_method("safeinstr", ctx).n_safety(400) == 40  # default: 10% of the rows
-    with pytest.raises(ValueError, match="fraction"):
-        make_method("safeinstr", ctx, fraction=1.5).n_safety(10)
+    from cwac.experiment.preflight import check_settings
+    from tests.conftest import compose
+
+    with pytest.raises(ValueError, match="method.fraction=1.5 is not valid"):   # pre-flight
+        check_settings(compose("model=tiny", "budget=smoke", "method=safeinstr", "method.fraction=1.5"))
     with pytest.raises(ValueError, match="held-in harmful prompts"):
         make_method("safeinstr", ctx, count=100000).build_train_data([])

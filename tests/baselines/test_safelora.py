@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cwac.modeling import lora_factors
-from baselines.safelora import select_layers
+from baselines.safelora import resolve_k, select_layers
 from tests.baselines.conftest import Q0, V0, prepared_on_weight_pair
 
 Q1, V1 = "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
@@ -48,8 +48,9 @@ def test_threshold_mode_projects_low_cosine_and_keeps_high_cosine(tiny_model, we
             assert torch.equal(B, before[n])  # untouched, bit for bit
 
 
-def test_number_mode_projects_the_k_lowest_cosines_computed_before_any_projection(tiny_model, weight_pair, tmp_path):
-    m, model, u, _ = _setup(tiny_model, weight_pair, tmp_path, "training=lora", select="number", k=3)
+@pytest.mark.parametrize("k", [3, 0.75], ids=["count", "fraction"])   # 0.75 of the 4 LoRA maps = 3
+def test_number_mode_projects_the_k_lowest_cosines_computed_before_any_projection(tiny_model, weight_pair, tmp_path, k):
+    m, model, u, _ = _setup(tiny_model, weight_pair, tmp_path, "training=lora", select="number", k=k)
     mods, before = _lora_updates(model, u)
     from baselines.safelora import _lora_delta, flat_cosine
 
@@ -58,6 +59,21 @@ def test_number_mode_projects_the_k_lowest_cosines_computed_before_any_projectio
     assert m.info["cosines"] == {n: round(c, 6) for n, c in original.items()}
     assert m.info["projected"] == sorted(original, key=lambda n: (original[n], n))[:3]
     assert Q0 not in m.info["projected"] and torch.equal(lora_factors(mods[Q0])[0], before[Q0])
+    assert m.info["k"] == 3 and m.info["k_config"] == k
+
+
+def test_k_is_a_count_or_a_fraction_and_paper_scale_uses_the_reference_fraction():
+    from tests.conftest import compose
+
+    assert resolve_k(10, 224) == 10 and resolve_k(0, 64) == 0               # a count, as given
+    assert resolve_k(10 / 64, 64) == 10 and resolve_k(10 / 64, 224) == 35   # the reference's 10 of 64
+    assert resolve_k(0.001, 64) == 1
+    assert resolve_k(0.25, 10) == 3 and resolve_k(0.25, 14) == 4 and resolve_k(10 / 64, 16) == 3   # half up
+    for bad in (-1, 1.5, 0.0, "ten", True):
+        with pytest.raises(ValueError, match="method.k="):
+            resolve_k(bad, 64)
+    assert compose("method=safelora").method.k == 10                        # the CPU default: 10 matrices
+    assert compose("method=safelora", "budget=paper").method.k == pytest.approx(10 / 64)
 
 
 def test_full_ft_port_projects_W_minus_W_aligned(tiny_model, weight_pair, tmp_path):

@@ -79,3 +79,56 @@ def test_locator_runs_on_the_tiny_model_and_is_cached(tiny_model, tmp_path):
     meta = (next((tmp_path / "safety_layers").glob("*/artifact.json"))).read_text()
     assert located_band(store, "tiny-path", None, fmt, lcfg) == first  # reused: the model is not even needed
     assert next((tmp_path / "safety_layers").glob("*/artifact.json")).read_text() == meta
+
+
+def test_prefer_located_uses_the_locator_for_every_model_and_records_the_recalled_band(tiny_model, tmp_path,
+                                                                                        monkeypatch):
+    """``budget=paper`` (``prefer_located``): the located band wins over a recalled band of
+    ``method.bands``, which the record keeps beside it; without it the recalled band still wins. The
+    locator is monkeypatched (no prompts, no forward pass)."""
+    import baselines.sppft as sppft
+
+    model, tok, fmt, cfg = tiny_model
+    ctx = make_ctx(cfg, tok, fmt, tmp_path)
+    calls = []
+
+    def fake_located(store, model_path, model_, formatter, lcfg):
+        calls.append(model_path)
+        return {"band": [0, 0]}
+
+    monkeypatch.setattr(sppft, "located_band", fake_located)
+    recalled = {"tiny": {"layers": [1, 1], "source": "recalled"}}
+    m = make_method("sppft", ctx, bands=recalled, prefer_located=True)
+    band, source = m.resolve_band(model)
+    assert band == (0, 0) and "prefer_located" in source and len(calls) == 1
+    m.configure_model(model)
+    assert m.info["band"] == [0, 0]
+    assert m.info["recalled_band"] == {"band": [1, 1], "source": "method.bands.tiny (recalled)", "agrees": False,
+                                       "used": False}
+    # a model with no recalled band: located, nothing to compare
+    m = make_method("sppft", ctx, bands={}, prefer_located=True)
+    assert m.resolve_band(model)[0] == (0, 0) and m.recalled is None
+    # an explicit band still wins; without prefer_located the recalled band wins even with locate_if_missing
+    assert make_method("sppft", ctx, band=[1, 1], prefer_located=True).resolve_band(model)[0] == (1, 1)
+    m = make_method("sppft", ctx, bands=recalled, locate_if_missing=True)
+    assert m.resolve_band(model) == ((1, 1), "method.bands.tiny (recalled)") and len(calls) == 3
+    # the locator finding nothing is an error naming the fix
+    monkeypatch.setattr(sppft, "located_band", lambda *a: {"band": None})
+    with pytest.raises(ValueError, match="prefer_located=false"):
+        make_method("sppft", ctx, prefer_located=True).resolve_band(model)
+
+
+def test_the_paper_preset_prefers_located_bands_and_the_cpu_hash_is_unchanged():
+    from omegaconf import OmegaConf
+
+    from cwac.records import config_hash
+    from cwac.utils import compose_config
+
+    paper = compose_config("method=sppft", "budget=paper").method
+    assert paper.prefer_located is True and paper.locate_if_missing is True
+    cfg = compose_config("method=sppft")
+    assert cfg.method.prefer_located is False and cfg.method.locate_if_missing is False
+    before = OmegaConf.create(OmegaConf.to_container(cfg))
+    del before.method["prefer_located"]                 # the config before the key existed
+    assert config_hash(cfg) == config_hash(before)
+    assert config_hash(compose_config("method=sppft", "method.prefer_located=true")) != config_hash(cfg)

@@ -73,8 +73,10 @@ def test_finetune_stage_requires_a_vaccine_alignment(tiny_model, tmp_path):
     _, tok, fmt, _ = tiny_model
     from tests.conftest import compose
 
-    with pytest.raises(ValueError, match="method@alignment.method=vaccine"):
-        make_method("vaccine", make_ctx(compose("model=tiny", "method=vaccine"), tok, fmt, tmp_path))
+    from cwac.experiment.preflight import check_settings
+
+    with pytest.raises(ValueError, match="method@alignment.method=vaccine model.align=true"):   # pre-flight
+        check_settings(compose("model=tiny", "budget=smoke", "method=vaccine"))
     ok = compose("model=tiny", "model.align=true", "method=vaccine", "method@alignment.method=vaccine")
     m = make_method("vaccine", make_ctx(ok, tok, fmt, tmp_path))
     out = m.compute_loss(tiny_model[0], _batch(tiny_model), 0)

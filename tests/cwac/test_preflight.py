@@ -143,3 +143,66 @@ def test_asking_for_vllm_without_it_fails_before_any_model_loads(tiny_cfg, no_mo
     monkeypatch.setattr(eval.vllm_backend, "probe", lambda python=None: (None, "vLLM is unavailable (test)"))
     assert re.search(r"config eval.backend=vllm but vLLM is unavailable \(test\); or use eval.backend=auto",
                      refused(tiny_cfg, "eval.backend=vllm"))
+
+
+#: (overrides, the key the message names, the bad value) of each method's own settings (``Method.check_config``)
+BAD_METHOD_SETTINGS = [
+    (["method=booster"], "method@alignment.method", "sft"),
+    (["method=tvaccine"], "method@alignment.method", "sft"),
+    (["method=repnoise"], "method@alignment.method", "sft"),
+    (["method=vaccine", "method@alignment.method=vaccine"], "model.align", "false"),
+    (["model.align=true", "method@alignment.method=booster", "training.zero_stage=3"], "training.zero_stage", "3"),
+    (["stage=align", "method@alignment.method=repnoise", "training.zero_stage=3"], "training.zero_stage", "3"),
+    (["model.align=true", "method@alignment.method=booster", "alignment.method.lam=-1"], "alignment.method.lam", "-1"),
+    (["model.align=true", "method@alignment.method=booster", "alignment.method.alpha=0"], "alignment.method.alpha", "0"),
+    (["model.align=true", "method@alignment.method=booster", "alignment.method.harmful_batch_size=0"],
+     "alignment.method.harmful_batch_size", "0"),
+    (["model.align=true", "method@alignment.method=tvaccine", "alignment.method.interval=0"],
+     "alignment.method.interval", "0"),
+    (["model.align=true", "method@alignment.method=repnoise", "alignment.method.beta=-1"], "alignment.method.beta", "-1"),
+    (["model.align=true", "method@alignment.method=vaccine", "alignment.method.norm=nope"],
+     "alignment.method.norm", "'nope'"),
+    (["method=asft", "model.align=true", "training.precision=fp16"], "training.precision", "fp16"),
+    (["method=asft"], "model.base_path", "null"),
+    (["method=asft", "model.align=true", "method.targets=[nope]"], "method.targets", "['nope']"),
+    (["method=lisa", "training.precision=fp16"], "training.precision", "fp16"),
+    (["method=lisa", "method.align_steps=0", "method.finetune_steps=0"], "method.align_steps", "0"),
+    (["method=lisa", "method.finetune_steps=-1"], "method.finetune_steps", "-1"),
+    (["method=safelora", "model.align=true", "method.k=1.5"], "method.k", "1.5"),
+    (["method=safelora", "model.align=true", "method.select=top"], "method.select", "'top'"),
+    (["method=ldifs", "method.reference=adapter_off"], "method.reference", "adapter_off"),
+    (["method=ldifs", "method.rho=-1"], "method.rho", "-1"),
+    (["method=ldifs", "training=lora", "method.reference_dtype=bfloat16"], "method.reference_dtype", "bfloat16"),
+    (["method=antidote", "method.dense_ratio.full=0"], "method.dense_ratio.full", "0"),
+    (["method=antidote", "training=lora", "method.dense_ratio.lora=1.0"], "method.dense_ratio.lora", "1.0"),
+    (["method=antidote", "method.batch_size=0"], "method.batch_size", "0"),
+    (["method=safeinstr", "method.fraction=1.5"], "method.fraction", "1.5"),
+    (["method=safeinstr", "method.count=-1"], "method.count", "-1"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,value", BAD_METHOD_SETTINGS, ids=[" ".join(o) for o, _, _ in BAD_METHOD_SETTINGS])
+def test_bad_method_settings_fail_in_preflight_before_any_model_loads(tiny_cfg, no_model, tmp_path, overrides, key,
+                                                                      value):
+    """Each method's own check (``Method.check_config``) runs in ``check_settings``: the message names
+    the key and the bad value, and nothing is written."""
+    from cwac.experiment.preflight import check_settings
+
+    msg = refused(tiny_cfg, *overrides)
+    assert msg.startswith("config ") and f"{key}={value}" in msg, msg
+    with pytest.raises(ValueError, match=re.escape(f"{key}={value}")):
+        check_settings(tiny_cfg(*overrides))
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method=booster", "model.align=true", "method@alignment.method=booster"],
+    ["method=vaccine", "model.align=true", "method@alignment.method=vaccine"],
+    ["stage=align", "method@alignment.method=tvaccine"], ["stage=align", "method@alignment.method=repnoise"],
+    ["method=asft", "model.align=true"], ["method=safelora", "model.align=true"], ["method=lisa"], ["method=ldifs"],
+    ["method=ldifs", "training=lora"], ["method=antidote"], ["method=antidote", "training=lora"], ["method=safeinstr"],
+])
+def test_the_default_method_settings_pass_the_method_checks(tiny_cfg, overrides):
+    from cwac.experiment.preflight import check_settings
+
+    check_settings(tiny_cfg(*overrides))

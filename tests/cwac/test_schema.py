@@ -13,10 +13,11 @@ from cwac.experiment.preflight import check_settings as check_config
 from cwac.schema import CWACConfig, TrainingConfig, check_node
 from tests.conftest import CONF_DIR, compose
 
+ALIGNMENT_STAGE = ("vaccine", "booster", "tvaccine", "repnoise")   # fine-tuning after them needs their own alignment
 PRESETS = [[f"budget={b.stem}"] for b in (Path(CONF_DIR) / "budget").glob("*.yaml")] + \
-          [[f"method={m.stem}"] for m in (Path(CONF_DIR) / "method").glob("*.yaml")] + \
-          [["training=lora", "method=cwac"], ["model=tiny", "budget=smoke", "method=cwac_act_only"],
-           ["method=vaccine", "method@alignment.method=vaccine"]]
+          [[f"method={m.stem}"] + ([f"method@alignment.method={m.stem}"] if m.stem in ALIGNMENT_STAGE else [])
+           for m in (Path(CONF_DIR) / "method").glob("*.yaml")] + \
+          [["training=lora", "method=cwac"], ["model=tiny", "budget=smoke", "method=cwac_act_only"]]
 
 
 @pytest.mark.parametrize("overrides", PRESETS, ids=lambda o: ",".join(o))
@@ -69,3 +70,19 @@ def test_run_cell_refuses_before_anything_is_written(tmp_path, tiny_cfg):
     with pytest.raises(ValueError, match=r"method\.activation\.lamm"):
         run_cell(cfg)
     assert not (tmp_path / "runs").exists()
+
+
+def test_cwac_basis_tol_at_its_default_keeps_the_fp32_cells_hash():
+    """``method.weight.basis_tol`` only matters for bf16/fp16 models: at its default an fp32 cell
+    hashes as it did before the key existed (``cwac.records.HASH_NEUTRAL``); another value does not."""
+    from omegaconf import OmegaConf
+
+    from cwac.records import config_hash
+    from cwac.utils import compose_config
+
+    cfg = compose_config("method=cwac")
+    assert cfg.method.weight.basis_tol == 1.0e-2
+    before_the_key = OmegaConf.create(OmegaConf.to_container(cfg))
+    del before_the_key.method.weight["basis_tol"]
+    assert config_hash(cfg) == config_hash(before_the_key)
+    assert config_hash(compose_config("method=cwac", "method.weight.basis_tol=0.5")) != config_hash(cfg)

@@ -28,7 +28,7 @@ def test_fa_reads_the_task_source_that_fine_tuning_read(tmp_path, monkeypatch):
                 Example("Classify.", input="dull film", source=name, label="negative")]
 
     monkeypatch.setattr(harness, "load_task", fake_load_task)
-    ecfg = OmegaConf.create({"hs_sets": [], "hs_n": None, "hs_max_new_tokens": 4, "harmless_n": 0, "fa_n": 2,
+    ecfg = OmegaConf.create({"hs_sets": [], "hs_pool": True, "hs_n": None, "hs_max_new_tokens": 4, "harmless_n": 0, "fa_n": 2,
                              "fa_n_by_task": {}, "fa_max_new_tokens_by_task": {"sst2": 4}, "fa_match": "exact",
                              "fa_split": "eval"})
     m = harness.evaluate(Scripted(), get_judge("keyword")(), ecfg, "sst2", tmp_path, task_source="hub")
@@ -55,7 +55,7 @@ def test_fa_can_score_held_out_train_rows_instead_of_the_evaluation_rows(tmp_pat
     from cwac.data.mix import build_finetune_mix
     from cwac.data.tasks import load_task
 
-    ecfg = OmegaConf.create({"hs_sets": [], "hs_n": None, "hs_max_new_tokens": 4, "harmless_n": 0, "fa_n": 20,
+    ecfg = OmegaConf.create({"hs_sets": [], "hs_pool": True, "hs_n": None, "hs_max_new_tokens": 4, "harmless_n": 0, "fa_n": 20,
                              "fa_n_by_task": {}, "fa_max_new_tokens_by_task": {"sst2": 4}, "fa_match": "exact",
                              "fa_split": "heldout"})
     harness.evaluate(Scripted(), get_judge("keyword")(), ecfg, "sst2", tmp_path)
@@ -83,7 +83,7 @@ def test_a_model_whose_answers_are_all_empty_is_refused_not_scored(tmp_path):
                 self.n += 1
             return out
 
-    ecfg = OmegaConf.create({"hs_sets": ["beavertails_eval"], "hs_n": 4, "hs_max_new_tokens": 4, "harmless_n": 2,
+    ecfg = OmegaConf.create({"hs_sets": ["beavertails_eval"], "hs_pool": True, "hs_n": 4, "hs_max_new_tokens": 4, "harmless_n": 2,
                              "harmless_set": "rd_harmless_test", "fa_n": 2, "fa_n_by_task": {},
                              "fa_max_new_tokens_by_task": {"sst2": 4}, "fa_match": "exact", "fa_split": "eval"})
     judge = get_judge("keyword")()

@@ -41,7 +41,7 @@ def _options(group: str) -> set[str]:
 
 
 def test_one_sweep_per_table_in_both_forms():
-    assert set(SWEEPS) == {f"{t}_{f}" for t in ("main", "ratio", "ablation") for f in ("cpu", "paper")}
+    assert {f"{t}_{f}" for t in ("main", "ratio", "ablation", "generalisation") for f in ("cpu", "paper")} <= set(SWEEPS)
 
 
 @pytest.mark.parametrize("name", SWEEPS)
@@ -66,8 +66,9 @@ def test_paper_and_cpu_forms(name):
     if name.endswith("_paper"):
         assert models == (PAPER_MODELS - {"mistral_7b_instruct"} if name.startswith("ablation") else
                           {"llama2_7b_chat"} if name.startswith("ratio") else PAPER_MODELS)
+        n = 500 if name.startswith("generalisation") else 5000    # PQA-L has 500 train rows
         assert (cfg.harmful.n_total, cfg.training.epochs, cfg.training.micro_batch_size, cfg.training.max_len) == \
-            (5000, 3, 1, 512)                                        # docs/method.md §6.3
+            (n, 3, 1, 512)                                           # docs/method.md §6.3
         assert cfg.harmful.source == "hub" and cfg.offline is False  # 500+ harmful rows need the hub split
     else:
         assert models == {"smollm2_135m"} and cfg.harmful.n_total == 400 and cfg.training.epochs == 1
@@ -83,13 +84,17 @@ def test_table_axes():
         assert set(axes(main)["task"]) == {"sst2", "agnews", "gsm8k"}
         assert {"sft", "asft", "safeinstr", "sppft", "cwac"} <= set(axes(main)["method"])
         assert set(axes(sweep_cfg(f"ablation_{form}"))["method"]) == {"cwac", "cwac_weight_only", "cwac_act_only"}
+        gen = sweep_cfg(f"generalisation_{form}")
+        assert gen.harmful.ratio == 0.1 and set(axes(gen)["method"]) == {"sft", "cwac"}
+    assert sweep_cfg("generalisation_cpu").task.name == "pubmedqa"     # AE needs a judge: none offline
+    assert set(axes(sweep_cfg("generalisation_paper"))["task"]) == {"pubmedqa", "alpaca_eval"}
 
 
 def test_cell_counts():
     """The documented sizes: the product of the swept axes."""
     counts = {n: len(list(itertools.product(*axes(sweep_cfg(n)).values()))) for n in SWEEPS}
     assert counts == {"ratio_cpu": 84, "ratio_paper": 36, "main_cpu": 63, "main_paper": 180, "ablation_cpu": 27,
-                      "ablation_paper": 81}
+                      "ablation_paper": 81, "generalisation_cpu": 6, "generalisation_paper": 48, "lr_cpu": 18}
 
 
 def test_swept_methods_have_configs():
@@ -143,5 +148,7 @@ def test_every_swept_value_composes(name):
                 assert cfg.seed == int(v)
             elif key == "harmful":
                 assert cfg.harmful.ratio == float(v[1:])
+            elif "." in key:                                    # a value sweep, e.g. training.lr
+                assert OmegaConf.select(cfg, key) == float(v)
             else:
                 assert cfg[key].name == v
