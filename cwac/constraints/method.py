@@ -472,14 +472,15 @@ class CWAC(Method):
                 n_layers * sum(d * cols[site] for site, d in sites.items()) * b
             o, i = max((s.linear(t) for t in targets), key=lambda oi: oi[0] * oi[1])
             out[key("gradient projection of one map (fp32)")] = (2 * o * i + o * max(cols.values())) * 4
-            if w.mode == "update":
-                out[key("W0 of the constrained maps (fp32, update mode)")] = spec.sharded(
-                    n_layers * sum(s.linear(t)[0] * s.linear(t)[1] for t in targets) * 4)
-        if bool(cfg.diagnostics.drift) and spec.zero_stage < 3 and not (bool(w.enabled) and w.mode == "update"):
+            if w.mode == "update":   # PartitionedWeightConstraint: model dtype, whole; on the host under ZeRO-3
+                out[key("W0 of the constrained maps (model dtype, update mode)", host=spec.zero_stage >= 3)] = \
+                    n_layers * sum(s.linear(t)[0] * s.linear(t)[1] for t in targets) * b
+        diag = bool(cfg.diagnostics.drift) or int(cfg.diagnostics.leak_every) > 0
+        if diag and not (bool(w.enabled) and w.mode == "update"):   # grad mode: a host copy for the diagnostics
             targets = parse_targets(w.targets)
             n_layers = len(resolve_layers(w.layers, s.n_layers))
-            out[key("drift diagnostics: W0 copies (fp32, CPU)", host=True)] = \
-                n_layers * sum(s.linear(t)[0] * s.linear(t)[1] for t in targets) * 4
+            out[key("drift / leak diagnostics: W0 copies (model dtype, CPU)", host=True)] = \
+                n_layers * sum(s.linear(t)[0] * s.linear(t)[1] for t in targets) * spec.dtype_bytes
         if bool(a.enabled) or bool(cfg.diagnostics.latent_drift):
             d_sae = int(sae.expansion) * s.d_model
             n_sae = 2 * d_sae * s.d_model + d_sae + s.d_model

@@ -112,14 +112,22 @@ def test_lisa_anchor_is_one_model_dtype_copy_of_the_trainable_parameters(tiny_sh
 
 
 def test_cwac_bases_w0_only_in_update_mode_and_sae(tiny_shapes):
+    from cwac.experiment.plugins import get_method
+
     e = method_entries("cwac", tiny_shapes)
     bases = next(v for k, v in e.items() if k.startswith("bases U"))
     assert bases == 2 * 256 * 128 * 4                   # 2 layers x down_proj's d_in x (d_in / 2) columns
     assert not any(k.startswith("W0") for k in e)       # grad mode keeps no W0 on the device
     assert e["covariance of one input site"] == 256 * 256 * 8
     assert e["SAE 128 x 512 (model dtype)"] == (2 * 512 * 128 + 512 + 128) * 4
-    up = method_entries("cwac", tiny_shapes, "method.weight.mode=update")
-    assert up["W0 of the constrained maps (fp32, update mode)"] == 2 * 128 * 256 * 4
+    assert e["drift / leak diagnostics: W0 copies (model dtype, CPU)"] == 2 * 128 * 256 * 4   # grad mode: host only
+    up = method_entries("cwac", tiny_shapes, "method.weight.mode=update", dtype_bytes=2)
+    assert up["W0 of the constrained maps (model dtype, update mode)"] == 2 * 128 * 256 * 2
+    assert not any(k.startswith("drift / leak") for k in up)   # update mode's W0 serves the diagnostics too
+    raw = get_method("cwac").planned_memory(plan_cfg("method=cwac", "method.weight.mode=update").method,
+                                            spec(tiny_shapes, world=2, zero_stage=3))
+    (w0,) = [k for k in raw if parse_key(k)[2].startswith("W0")]
+    assert parse_key(w0)[1] == "host"                    # ZeRO-3: whole, on the host (cwac.constraints.partitioned)
     ranked = method_entries("cwac", tiny_shapes, "method.weight.selection=rank", "method.weight.rank=200")
     assert next(v for k, v in ranked.items() if k.startswith("bases U")) == 2 * 256 * 56 * 4   # the free complement
     act = method_entries("cwac_act_only", tiny_shapes)
