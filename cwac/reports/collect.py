@@ -25,6 +25,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cwac.records import HASH_NEUTRAL
 from cwac.reports.organism import organism_key
 from cwac.utils import stable_hash
 
@@ -91,8 +92,14 @@ def _drop(flat: dict, prefixes) -> dict:
 
 
 def setting_of(config: dict, ignore: tuple[str, ...] = ()) -> dict:
-    """The part of a config that is neither an axis nor bookkeeping (flattened)."""
-    return _drop(flatten(config), (*NON_SEMANTIC, *AXES, *ignore))
+    """The part of a config that is neither an axis nor bookkeeping (flattened); a key added after
+    records existed counts only away from the value every earlier run computed with
+    (``cwac.records.HASH_NEUTRAL``, the config hash's rule)."""
+    flat = _drop(flatten(config), (*NON_SEMANTIC, *AXES, *ignore))
+    for key, v in HASH_NEUTRAL.items():
+        if key in flat and type(flat[key]) is type(v) and flat[key] == v:
+            del flat[key]
+    return flat
 
 
 def node(config: dict, path: str) -> dict:

@@ -81,3 +81,15 @@ def test_lr_table_and_other_tables_keep_the_main_lr(tmp_path):
     main = (tmp_path / "results" / "tables" / "main.md").read_text()
     assert "| SmolLM2-135M | SFT | **90.0 ± 0.0** | 70.0 ± 0.0 | 3 |" in main                 # lr 2e-5 only
     assert "lr 2e-05" in main
+
+
+def test_a_key_added_later_at_its_neutral_value_does_not_split_a_setting():
+    """Records made before ``eval.hs_pool`` existed and records with its default (true) share a
+    table; ``hs_pool: false`` (HS per set) is another setting (``cwac.records.HASH_NEUTRAL``)."""
+    from cwac.reports.collect import setting_of
+
+    old = {"eval": {"hs_n": 100}, "training": {"lr": 2e-5}}
+    new = {"eval": {"hs_n": 100, "hs_pool": True}, "training": {"lr": 2e-5}}
+    per_set = {"eval": {"hs_n": 100, "hs_pool": False}, "training": {"lr": 2e-5}}
+    assert setting_of(old) == setting_of(new)
+    assert setting_of(per_set) != setting_of(old)
