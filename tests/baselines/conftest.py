@@ -84,3 +84,11 @@ def features(fmt, n: int = 8, max_len: int = 48, ratio: float = 0.25):
 
 def params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def padded_batch(tiny_model, n: int = 4):
+    """A padded training batch of ``n`` mix rows for the tiny model."""
+    from cwac.data.prompts import collate_train, pad_id
+
+    _, tok, fmt, _ = tiny_model
+    return collate_train(features(fmt, n), pad_id(tok))

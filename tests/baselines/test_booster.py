@@ -9,7 +9,7 @@ import torch
 
 from cwac.data.prompts import collate_train, pad_id
 from cwac.losses import response_loss
-from tests.baselines.conftest import features, make_ctx, make_method, params
+from tests.baselines.conftest import features, make_ctx, make_method, params, padded_batch as _batch
 
 
 def _booster(tiny_model, tmp_path, **cfg):
@@ -17,11 +17,6 @@ def _booster(tiny_model, tmp_path, **cfg):
     m = make_method("booster", make_ctx(tcfg, tok, fmt, tmp_path, stage="align"), **cfg)
     m.prepare(model)
     return m
-
-
-def _batch(tiny_model, n=4):
-    _, tok, fmt, _ = tiny_model
-    return collate_train(features(fmt, n), pad_id(tok))
 
 
 def _grads(model, loss):

@@ -9,7 +9,7 @@ import torch
 
 from cwac.data.prompts import collate_train, pad_id
 from cwac.losses import response_loss, target_ce
-from tests.baselines.conftest import features, make_ctx, make_method
+from tests.baselines.conftest import features, make_ctx, make_method, padded_batch as _batch
 
 
 def _repnoise(tiny_model, tmp_path, **cfg):
@@ -17,11 +17,6 @@ def _repnoise(tiny_model, tmp_path, **cfg):
     m = make_method("repnoise", make_ctx(tcfg, tok, fmt, tmp_path, stage="align"), **cfg)
     m.prepare(model)
     return m
-
-
-def _batch(tiny_model, n=4):
-    _, tok, fmt, _ = tiny_model
-    return collate_train(features(fmt, n), pad_id(tok))
 
 
 def _mmd_reference(x, y, mul=2.0, num=5):

@@ -10,7 +10,7 @@ import torch
 
 from cwac.data.prompts import collate_train, pad_id
 from cwac.losses import response_loss
-from tests.baselines.conftest import features, make_ctx, make_method
+from tests.baselines.conftest import features, make_ctx, make_method, padded_batch as _batch
 
 
 def _tvaccine(tiny_model, tmp_path, **cfg):
@@ -18,11 +18,6 @@ def _tvaccine(tiny_model, tmp_path, **cfg):
     m = make_method("tvaccine", make_ctx(tcfg, tok, fmt, tmp_path, stage="align"), **{"n_layers": 1, **cfg})
     m.prepare(model)
     return m
-
-
-def _batch(tiny_model, n=4):
-    _, tok, fmt, _ = tiny_model
-    return collate_train(features(fmt, n), pad_id(tok))
 
 
 def _attn_out_grads(model, batch):

@@ -9,17 +9,12 @@ import torch
 from cwac.modeling import decoder_layers
 from cwac.data.prompts import collate_train, pad_id
 from cwac.losses import sequence_mean_ce
-from tests.baselines.conftest import features, make_ctx, make_method
+from tests.baselines.conftest import features, make_ctx, make_method, padded_batch as _batch
 
 
 def _vaccine(tiny_model, tmp_path, **cfg):
     model, tok, fmt, tcfg = tiny_model
     return make_method("vaccine", make_ctx(tcfg, tok, fmt, tmp_path, stage="align"), **cfg)
-
-
-def _batch(tiny_model, n=4):
-    _, tok, fmt, _ = tiny_model
-    return collate_train(features(fmt, n), pad_id(tok))
 
 
 def test_perturbation_has_norm_rho_follows_the_gradient_and_acts_in_pass_two_only(tiny_model, tmp_path):
