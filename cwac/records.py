@@ -24,7 +24,7 @@ from cwac.utils import atomic_write_json, stable_hash, strict_json
 RECORD = "record.json"
 SCHEMA_VERSION = 2   # 2: records carry their data fingerprint (``data.files``) and a ``run_id``
 # Config sections that do not change what a run computes (where things go, how it is logged).
-NON_SEMANTIC = ("paths", "logger", "skip_complete", "sweep_name", "threads")
+NON_SEMANTIC = ("paths", "logger", "skip_complete", "sweep_name", "threads", "host_allocator")
 # Keys added after records existed, at the value that computes what every run before them computed:
 # left out of the hash at that value, so that those runs keep their hash (dotted key -> value).
 # ``method.weight.basis_tol``: the basis is kept in the model's dtype only for bf16/fp16 models, so

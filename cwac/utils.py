@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cwac.host_allocator import current_host_allocator
+
 # Variables that keep every library off the network and out of the home directory.
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -156,5 +158,5 @@ def host_info() -> dict:
         cpu, flags = None, set()
     return {"cpu": cpu or platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "isa": [f for f in ISA_FLAGS if f in flags], "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
+            "platform": platform.platform(), "host_allocator": current_host_allocator(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from cwac.api import TrainContext
 from cwac.artifacts import ArtifactStore
 from cwac.data.files import data_fingerprint
+from cwac.host_allocator import set_host_allocator
 from cwac.experiment.align import start_model
 from cwac.experiment.plugins import get_method
 from cwac.experiment.preflight import Inputs, build_judge, check_inputs, check_judge, check_settings
@@ -60,6 +61,7 @@ def setup_env(cfg: DictConfig) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    set_host_allocator(cfg.host_allocator)   # speed only (cwac/host_allocator.py)
 
 
 def apply_lora(model, lcfg: DictConfig):

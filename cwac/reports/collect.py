@@ -32,8 +32,8 @@ from cwac.utils import stable_hash
 log = logging.getLogger(__name__)
 
 # Config keys that never change what a cell computes, or that are an axis (handled apart).
-NON_SEMANTIC = ("paths", "logger", "skip_complete", "sweep_name", "offline", "threads", "eval.progress",
-                "training.progress")
+NON_SEMANTIC = ("paths", "logger", "skip_complete", "sweep_name", "offline", "threads", "host_allocator",
+                "eval.progress", "training.progress")
 AXIS_NODES = ("model", "task", "method", "alignment.method")
 # ``training.lr`` is an axis of the learning-rate table only; the other tables keep the setting's
 # most common value (``Result.lr``).
