@@ -25,6 +25,11 @@ alignment stage). Writes ``results/benchmarks/cwac_overhead_<model>.json``.
 
     python benchmarks/cwac_overhead.py --model smollm2_135m --threads 2 --steps 12 --repeats 2 \
         --configs sft,sft_padded,cwac,cwac_padded,cwac_nodiag,cwac_weight_only,cwac_act_only,align,align_padded
+
+Every configuration runs with the config's ``host_allocator`` (``retain`` by default; the
+``_glibc`` configurations switch back to glibc's malloc start values within the process). To
+measure with glibc's malloc untouched, run a whole process with the override
+``host_allocator=glibc``.
 """
 
 from __future__ import annotations
@@ -64,6 +69,12 @@ CONFIGS = {
     "sft_before": ("sft", ["training.fused_adamw=false"]),
     # bf16 weights and activations, fp32 master weights in DeepSpeed's optimizer (a candidate lever)
     "sft_bf16": ("sft", ["training.precision=bf16"]),
+    # glibc's malloc start values instead of host_allocator=retain (cwac/host_allocator.py), in this
+    # process; a whole run with the override host_allocator=glibc leaves glibc untouched instead
+    "sft_glibc": ("sft", ["host_allocator=glibc"]),
+    "cwac_glibc": ("cwac", ["host_allocator=glibc"]),
+    # a cheaper regulariser (a method change, reported beside the paper's default B = 8)
+    "cwac_b4": ("cwac", ["method.activation.batch_prompts=4"]),
 }
 DEFAULT_CONFIGS = "sft,sft_padded,cwac,cwac_padded,cwac_nodiag,cwac_weight_only,cwac_act_only"
 ALIGN_CONFIGS = ("align", "align_padded")
@@ -95,6 +106,7 @@ def time_config(name: str, method_name: str, extra: list[str], args, model_path:
     from cwac.api import TrainContext
     from cwac.data.mix import build_finetune_mix
     from cwac.experiment.plugins import get_method
+    from cwac.host_allocator import set_host_allocator
     from cwac.models import load_chat_model
     from cwac.trainer import fit
 
@@ -102,6 +114,7 @@ def time_config(name: str, method_name: str, extra: list[str], args, model_path:
     cfg = compose([f"model={args.model}", f"budget={BUDGET[args.model]}", "logger=none", f"method={method_name}",
                    f"training.max_steps={steps}", "training.epochs=100", "training.progress=false",
                    *args.override, *extra])
+    set_host_allocator(cfg.host_allocator)
     model, tok, fmt = load_chat_model(model_path, cfg.model)
     tc = cfg.training
     if name in ALIGN_CONFIGS:   # the alignment stage's rows and training node
@@ -209,6 +222,8 @@ def main() -> None:
     result["breakdown_vs_sft_step"] = {    # by difference of configurations timed side by side
         "activation_term": share("cwac_act_only", "sft"), "weight_projection": share("cwac_weight_only", "sft"),
         "diagnostics": share("cwac", "cwac_nodiag"), "cwac_total": share("cwac", "sft")}
+    result["host_allocator_retain_vs_glibc"] = {a: round(med[a] / med[b], 3) for a, b in
+                                                (("sft", "sft_glibc"), ("cwac", "cwac_glibc")) if a in med and b in med}
     result["packed_vs_padded"] = {a: round(med[a] / med[b], 3) for a, b in
                                   (("sft", "sft_padded"), ("cwac", "cwac_padded"), ("align", "align_padded"))
                                   if a in med and b in med}

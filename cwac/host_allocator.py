@@ -28,7 +28,7 @@ import logging
 
 log = logging.getLogger(__name__)
 
-MODES = ("retain", "default")
+MODES = ("retain", "glibc")
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -50,11 +50,13 @@ def _libc():
 
 
 def set_host_allocator(mode: str) -> str | None:
-    """Apply ``mode`` (``retain`` or ``default``) to glibc's malloc; returns the mode in force, or
-    None where the C library is not glibc (nothing is changed there).
+    """Apply ``mode`` to glibc's malloc; returns the mode in force, or None where the C library is
+    not glibc (nothing is changed there).
 
-    ``default`` sets glibc's documented start values, which also switches off its dynamic mmap
-    threshold; a process that never calls this keeps glibc's own behaviour.
+    ``retain``: the settings of the module doc. ``glibc``: glibc's own behaviour; in a process that
+    never retained, nothing is called; after ``retain`` it restores glibc's documented start values
+    (128 KiB thresholds, which also turns off glibc's dynamic mmap threshold: a close stand-in, used
+    by benchmarks that switch within one process).
     """
     global _current
     if mode not in MODES:
@@ -63,6 +65,8 @@ def set_host_allocator(mode: str) -> str | None:
     if lib is None:
         log.info("host_allocator=%s: the C library is not glibc; its allocator is left as it is", mode)
         return None
+    if mode == "glibc" and _current is None:
+        return mode
     for param, value in (_RETAIN if mode == "retain" else _DEFAULT).items():
         if lib.mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1:
             raise RuntimeError(f"mallopt({param}, {value}) failed (host_allocator={mode})")
@@ -71,5 +75,5 @@ def set_host_allocator(mode: str) -> str | None:
 
 
 def current_host_allocator() -> str:
-    """What this process runs with: ``retain``, ``default``, or ``glibc`` (never set here)."""
+    """What this process runs with: ``retain`` or ``glibc``."""
     return _current or "glibc"

@@ -203,7 +203,7 @@ class CWACConfig:
 #: reads it accepts; ``cwac.experiment.preflight`` checks them all before a model loads)
 CHOICES: dict[str, tuple] = {
     "stage": ("finetune", "align"),
-    "host_allocator": ("retain", "default"),   # cwac.host_allocator.MODES
+    "host_allocator": ("retain", "glibc"),   # cwac.host_allocator.MODES
     "model.source": ("tiny", "gguf", "hub"),
     "model.dtype": ("float32", "bfloat16", "float16"),   # cwac.models.DTYPES
     "model.prompt_format": ("chat", "alpaca"),
