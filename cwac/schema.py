@@ -83,6 +83,7 @@ class CWACWeight:
     cov_dtype: str = MISSING
     mask_shared_prefix: bool = MISSING
     basis_tol: float = MISSING
+    project_at: str = MISSING
 
 
 @dataclass

@@ -64,16 +64,48 @@ class CWAC(Method):
     #: (weight, activation) flags a registered variant requires; None = any
     required: tuple[bool, bool] | None = None
 
+    @classmethod
+    def check_config(cls, node, cfg, key, stage) -> None:
+        """The constraint flags the variant needs, the projection mode against the training setup
+        (``check_mode``: update mode at ZeRO-0 in mixed precision with weight decay cannot reach the
+        fp32 masters) and the SAE corpus's hub reads (a stream is never cached, so not offline; no
+        test split for ``harmful_extra``)."""
+        from cwac.schema import ConfigError
+
+        flags = (bool(node.weight.enabled), bool(node.activation.enabled))
+        if cls.required is not None and flags != cls.required:
+            raise ConfigError(f"config {key}={node.name} needs {key}.weight.enabled={cls.required[0]} and "
+                              f"{key}.activation.enabled={cls.required[1]}, got {flags[0]} and {flags[1]}; use "
+                              f"method=cwac to combine the constraints freely")
+        if not any(flags):
+            raise ConfigError(f"config {key}={node.name} with {key}.weight.enabled=false and {key}.activation.enabled="
+                              "false is plain SFT; use method=sft")
+        if flags[0]:
+            tc = cfg.training
+            try:
+                check_mode(node.weight.mode, int(tc.zero_stage), str(tc.precision), float(tc.weight_decay))
+            except ValueError as e:
+                raise ConfigError(f"config {key}.weight.mode={node.weight.mode!r}: {e}") from None
+        corpus = node.sae.corpus
+        if corpus.get("harmful_extra") is not None:
+            from cwac.constraints.sae_corpus import check_harmful_extra
+
+            check_harmful_extra(corpus.harmful_extra, f"{key}.sae.corpus.harmful_extra")
+        if not cfg.offline:
+            return
+        if corpus.get("benign_source") == "hub":
+            raise ConfigError(f"config {key}.sae.corpus.benign_source=hub streams the SAE's benign text from the hub "
+                              f"({OmegaConf.select(corpus, 'hub.dataset')}), and the run is offline; run with "
+                              f"offline=false, or set {key}.sae.corpus.benign_source=alpaca")
+        if corpus.get("harmful_extra") is not None:
+            raise ConfigError(f"config {key}.sae.corpus.harmful_extra reads more harmful prompts for the SAE from the "
+                              f"hub ({corpus.harmful_extra.dataset}), and the run is offline; run with offline=false, "
+                              f"or set {key}.sae.corpus.harmful_extra=null")
+
     def __init__(self, cfg: DictConfig, ctx: TrainContext):
         super().__init__(cfg, ctx)
         self.use_weight = bool(cfg.weight.enabled)
         self.use_act = bool(cfg.activation.enabled)
-        name = getattr(type(self), "registry_name", "cwac")
-        if self.required is not None and (self.use_weight, self.use_act) != self.required:
-            raise ValueError(f"method {name!r} needs weight.enabled={self.required[0]} and activation.enabled="
-                             f"{self.required[1]}; use method=cwac to combine the constraints freely")
-        if not (self.use_weight or self.use_act):
-            raise ValueError("CWAC with both constraints disabled is plain SFT; use method=sft")
         self.zero_stage = int(ctx.training.zero_stage)
         self.weight: PartitionedWeightConstraint | None = None
         self.act: ActivationConstraint | None = None
@@ -180,10 +212,14 @@ class CWAC(Method):
         self.weight = PartitionedWeightConstraint(subspaces, w.mode, self.zero_stage,
                                                   keep_w0_for_diagnostics=bool(dcfg.drift) or int(dcfg.leak_every) > 0)
         self.weight.attach(model)
+        projected_at = self.weight.project_inputs(model, w.project_at, self.zero_stage)
         ranks = {s: v["rank"] for s, v in meta["sites"].items()}
         fracs = [v["rank"] / v["d_in"] for v in meta["sites"].values()]
         self.info["subspace"] = {**art, "n_tokens": meta["n_tokens"], "n_prompts": meta["n_prompts"],
                                  "mode": w.mode, "lora": self.weight.lora, "n_maps": len(modules),
+                                 "project_at": w.project_at,
+                                 "projected_at": {k: sum(v == k for v in projected_at.values())
+                                                  for k in sorted(set(projected_at.values()))},
                                  "w0": self.weight.w0_device,
                                  "basis_dtype": sorted({v["dtype"] for v in basis_info.values()}),
                                  "basis_projection_error_max": max(v["projection_error"] for v in basis_info.values()),
@@ -434,6 +470,8 @@ class CWAC(Method):
             diag["latent_drift_reg"] = self.act.drift(model, self.ids["reg"][:n], self.act.z_base[:n], self.bs)
         diag["seconds"] = round(time.time() - t, 2)
         self.info["diagnostics"] = diag
+        if self.weight is not None:
+            self.weight.release(model)   # the maps' own forward for evaluation and saving
         return model
 
     def record_info(self) -> dict:

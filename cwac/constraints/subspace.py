@@ -487,10 +487,38 @@ class WeightConstraint:
                 out[name] = ps
         return out
 
+    def project_inputs(self, model, where: str, zero_stage: int = 0) -> dict[str, str]:
+        """Grad mode: compute the projection on the maps' inputs where ``where`` (``weight.project_at``)
+        asks for it (``cwac.constraints.input_projection``); returns how each map is projected.
+        Under ZeRO-3 or LoRA, and in update mode, the maps keep the gradient hook."""
+        from cwac.constraints import input_projection
+
+        if where not in input_projection.PROJECT_AT:
+            raise ValueError(f"weight.project_at must be one of {input_projection.PROJECT_AT}, got {where!r}")
+        out = {}
+        for name, m in self.modules(model).items():
+            if self.mode != "grad" or where == "gradient" or zero_stage >= 3 or is_lora(m) \
+                    or not isinstance(m, nn.Linear) or not m.weight.requires_grad:
+                out[name] = "update" if self.mode == "update" else "gradient"
+                continue
+            input_projection.install(m, self.subspaces[name], where)
+            out[name] = where
+        return out
+
+    def release(self, model) -> None:
+        """Undo ``project_inputs`` (the maps' own forward again)."""
+        from cwac.constraints import input_projection
+
+        for m in self.modules(model).values():
+            input_projection.remove(m)
+
     def grad_hooks(self, model) -> dict:
         if self.mode != "grad":
             return {}
-        return {p: self.subspaces[name].project for name, ps in self.constrained_params(model).items() for p in ps}
+        from cwac.constraints.input_projection import installed
+
+        return {p: self.subspaces[name].project for name, ps in self.constrained_params(model).items()
+                if not installed(self.modules(model)[name]) for p in ps}
 
     @torch.no_grad()
     def apply_update(self, model) -> dict[str, float]:

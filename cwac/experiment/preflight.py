@@ -163,21 +163,6 @@ def _check_deepspeed(tc: DictConfig, where: str = "training") -> None:
                               f"++{where}.deepspeed_extra.zero_force_ds_cpu_optimizer=false (as the zero3_offload preset does)")
 
 
-def _check_cwac_mode(cfg: DictConfig) -> None:
-    """CWAC's projection mode against the training setup (``check_mode``): ZeRO-3 runs both modes;
-    update mode at ZeRO-0 in mixed precision with weight decay cannot reach the fp32 masters."""
-    from cwac.constraints.subspace import check_mode
-
-    node = cfg.method
-    if not str(node.name).startswith("cwac") or not OmegaConf.select(node, "weight.enabled"):
-        return
-    tc = cfg.training
-    try:
-        check_mode(node.weight.mode, int(tc.zero_stage), str(tc.precision), float(tc.weight_decay))
-    except ValueError as e:
-        raise ConfigError(f"config method.weight.mode={node.weight.mode!r}: {e}") from None
-
-
 def _check_sizes(cfg: DictConfig) -> None:
     _int(cfg, "harmful.n_total", 1, why=" (n, the number of fine-tuning rows)")
     _number(cfg, "harmful.ratio", 0.0, 1.0, why=" (p, the harmful fraction of the mix)")
@@ -318,39 +303,11 @@ def check_settings(cfg: DictConfig) -> None:
                                                 if k.startswith("training.")}, prefix="alignment.training.")
     _check_methods(cfg)
     _check_deepspeed(cfg.training)
-    _check_cwac_mode(cfg)
     _check_sizes(cfg)
     _writable("paths.runs", cfg.paths.runs, "CWAC_RUNS")
     _writable("paths.artifacts", cfg.paths.artifacts, "CWAC_ARTIFACTS")
     _check_weights(cfg)
     check_base_config(cfg)
-    _check_hub_corpora(cfg)
-
-
-def _check_hub_corpora(cfg: DictConfig) -> None:
-    """A method that streams data from the hub (CWAC's SAE corpus, ``sae.corpus.benign_source=hub``)
-    cannot run offline: a stream is never cached. ``sae.corpus.harmful_extra`` reads the hub too,
-    and is refused a test split (the paper's HS set is BeaverTails ``30k_test``)."""
-    for key in ("method", "alignment.method"):
-        extra = OmegaConf.select(cfg, f"{key}.sae.corpus.harmful_extra")
-        if extra is not None:
-            from cwac.constraints.sae_corpus import check_harmful_extra
-
-            try:
-                check_harmful_extra(extra, f"{key}.sae.corpus.harmful_extra")
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-    if not cfg.offline:
-        return
-    for key in ("method", "alignment.method"):
-        if OmegaConf.select(cfg, f"{key}.sae.corpus.benign_source") == "hub":
-            raise ConfigError(f"config {key}.sae.corpus.benign_source=hub streams the SAE's benign text from the hub "
-                              f"({OmegaConf.select(cfg, f'{key}.sae.corpus.hub.dataset')}), and the run is offline; "
-                              f"run with offline=false, or set {key}.sae.corpus.benign_source=alpaca")
-        if OmegaConf.select(cfg, f"{key}.sae.corpus.harmful_extra") is not None:
-            raise ConfigError(f"config {key}.sae.corpus.harmful_extra reads more harmful prompts for the SAE from the "
-                              f"hub ({OmegaConf.select(cfg, f'{key}.sae.corpus.harmful_extra.dataset')}), and the run "
-                              f"is offline; run with offline=false, or set {key}.sae.corpus.harmful_extra=null")
 
 
 def judge_kwargs(cfg: DictConfig) -> dict:

@@ -12,6 +12,8 @@ both counts once), keeps the complete fine-tuning records, and writes
   (each caption names the organism version and the seeds),
 * ``results/plots/{hs_vs_p,fa_vs_hs}-<model>-<task>*.png`` and
   ``results/plots/curves-<model>-<task>-p<p>*.png``,
+* ``results/tables/degenerate[-s<setting>].{md,tex}``: per method at the main ratio, the share of flagged HS
+  answers that are empty, repeated or off-topic (``cwac.reports.degenerate``),
 * ``results/tables/timings.md``: every cell's seconds per phase and the host it ran on,
 * ``results/claims.md`` and the "Claims" section of ``results/index.md``: the paper's four claims
   checked on the main setting's records (``cwac.reports.claims``),
@@ -40,6 +42,7 @@ from pathlib import Path
 from cwac.reports import plots
 from cwac.reports.claims import check_claims, claims_markdown
 from cwac.reports.collect import Coverage, Result, flatten, load_results, setting_diff
+from cwac.reports.degenerate import degenerate_table
 from cwac.reports.organism import organism_name
 from cwac.reports.tables import (ABLATION, ABLATION_ONLY, GENERALISATION, Table, generalisation_table, lr_table,
                                  pretty, ratio_table, task_table, timings_markdown, to_latex, to_markdown)
@@ -136,10 +139,10 @@ def build(roots: list[Path], out: Path, main_p: float = 0.1, decimals: int = 1, 
             shown = "; ".join(f"{k} = {a} (main setting: {b})" for k, (a, b) in list(diff.items())[:8])
             differs = f" Differs from the main setting in: {shown}{' ...' if len(diff) > 8 else ''}."
 
-        def caption_for(group: list[Result], show_lr: bool = True) -> str:
+        def caption_for(group: list[Result], show_lr: bool = True, legend: str = LEGEND) -> str:
             """The legend, the group's organism version, its protocol and seeds, how the setting differs."""
             org = describe_organism(group)
-            return (LEGEND + f" {org[0].upper()}{org[1:]}. Setting: "
+            return ((f"{legend} " if legend else "") + f"{org[0].upper()}{org[1:]}. Setting: "
                     + describe_setting(group[0], [r.seed for r in group], show_lr) + "." + differs)
 
         caption = caption_for(rs)
@@ -155,6 +158,10 @@ def build(roots: list[Path], out: Path, main_p: float = 0.1, decimals: int = 1, 
                        lambda m: m.partition(" [")[0] not in ABLATION_ONLY)
         if t:
             tables.append(t)
+        if main_tasks:   # the main table's records: how many answers HS flags are empty, looping or off-topic
+            t = degenerate_table(main_tasks, f"degenerate{suffix}", caption_for(main_tasks, legend=""))
+            if t:
+                tables.append(t)
         if any(r.method.partition(" [")[0] in ABLATION_ONLY for r in main_tasks):
             abl = [r for r in main_tasks if r.method.partition(" [")[0] in ABLATION]
             t = task_table(main_tasks, f"ablation{suffix}", f"Component ablation at p = {main_p:g} (paper §7.4 layout)",

@@ -83,13 +83,21 @@ def test_latent_drift_smaller_than_sft_at_equal_steps(tiny_cfg, tmp_path):
     assert res.steps == 8 and all("losses/cwac_safety" in h for h in res.history)
 
 
-def test_variant_flags_are_checked(tiny_cfg, tmp_path):
+def test_variant_flags_are_checked_before_any_model_loads(tiny_cfg, tmp_path):
     from cwac.constraints.subspace import Subspace, WeightConstraint
+    from cwac.experiment.preflight import check_settings
+    from cwac.schema import ConfigError
 
-    with pytest.raises(ValueError, match="cwac_weight_only"):
-        _method(tiny_cfg, tmp_path, "method=cwac_weight_only", "method.activation.enabled=true")
-    with pytest.raises(ValueError, match="method=sft"):
-        _method(tiny_cfg, tmp_path, "method=cwac", "method.activation.enabled=false", "method.weight.enabled=false")
+    with pytest.raises(ConfigError, match=r"method=cwac_weight_only needs method.weight.enabled=True and "
+                                          r"method.activation.enabled=False, got True and True"):
+        check_settings(tiny_cfg("method=cwac_weight_only", "method.activation.enabled=true"))
+    with pytest.raises(ConfigError, match=r"activation.enabled=false is plain SFT; use method=sft"):
+        check_settings(tiny_cfg("method=cwac", "method.activation.enabled=false", "method.weight.enabled=false"))
+    with pytest.raises(ConfigError, match=r"method.weight.mode='update'.*zero_stage=1"):
+        check_settings(tiny_cfg("method=cwac", "method.weight.mode=update", "training.precision=bf16",
+                                "training.weight_decay=0.1"))
+    check_settings(tiny_cfg("method=cwac_act_only", "method.weight.mode=update", "training.precision=bf16",
+                            "training.weight_decay=0.1"))   # no weight constraint: its mode is not used
     _, m, _, _ = _method(tiny_cfg, tmp_path, "method=cwac_act_only")
     assert m.variant == "act_only" and not m.use_weight
     with pytest.raises(ValueError, match="ZeRO-3"):

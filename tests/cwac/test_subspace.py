@@ -184,16 +184,19 @@ def test_without_constraint_calibration_outputs_drift(tiny_cfg, tmp_path):
     assert min(v["weight"] for v in d["per_map"].values()) > 1e-2
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2, 3])
-def test_grad_mode_projects_before_zero_reduction(tiny_cfg, tmp_path, monkeypatch, zero_stage):
+@pytest.mark.parametrize("zero_stage,project_at", [(0, "gradient"), (2, "gradient"), (3, "gradient"), (0, "input"),
+                                                   (2, "auto"), (3, "input")])
+def test_grad_mode_projects_before_zero_reduction(tiny_cfg, tmp_path, monkeypatch, zero_stage, project_at):
     """The gradient DeepSpeed's optimizer receives (reduced / partitioned under ZeRO-2) has no
-    component in U_r: the tensor hooks ran before reduction."""
+    component in U_r: the tensor hooks (or the input-side projection, ``weight.project_at``) ran
+    before reduction. Under ZeRO-3 the maps keep the hook."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
     cfg, model, tok, method, feats = _setup(tiny_cfg, tmp_path, "method.weight.mode=grad",
                                             "method.weight.targets=[q_proj,down_proj]", "method.weight.energy=0.9",
-                                            f"training.zero_stage={zero_stage}", "training.max_steps=2")
+                                            f"training.zero_stage={zero_stage}", "training.max_steps=2",
+                                            f"method.weight.project_at={project_at}")
     checks = []
     real_init = deepspeed.initialize
 
@@ -216,6 +219,11 @@ def test_grad_mode_projects_before_zero_reduction(tiny_cfg, tmp_path, monkeypatc
     monkeypatch.setattr(deepspeed, "initialize", init)
     res = _train(cfg, model, tok, method, feats)
     assert len(checks) == 2 * 4 and max(checks) < 1e-5
+    used = "gradient" if zero_stage >= 3 else project_at
+    assert method.record_info()["subspace"]["projected_at"] == {used: 4}
+    from cwac.constraints.input_projection import installed
+
+    assert not any(installed(m) for m in method.weight.modules(model).values())   # released after training
     # but AdamW's update leaks into U_r (why update mode exists): proj_leak is logged and > 0
     assert method.record_info()["diagnostics"]["proj_leak_final"] > 1e-3
     assert res.steps == 2
