@@ -33,11 +33,12 @@ MODEL_ORDER = ("llama2_7b_chat", "llama3_8b_instruct", "mistral_7b_instruct", "g
 MODEL_NAMES = {"llama2_7b_chat": "Llama-2-7B", "llama3_8b_instruct": "Llama-3-8B", "mistral_7b_instruct": "Mistral-7B",
                "gemma2_9b_it": "Gemma-2-9B", "smollm2_135m": "SmolLM2-135M", "tiny": "tiny Llama"}
 # Baselines first in the paper's order, then the other defences, CWAC last (as in paper §7.1).
-METHOD_ORDER = ("sft", "asft", "safeinstr", "sppft", "lisa", "safelora", "vaccine", "cwac_weight_only",
-                "cwac_act_only", "cwac")
+METHOD_ORDER = ("sft", "asft", "safeinstr", "sppft", "lisa", "safelora", "vaccine", "booster", "tvaccine", "repnoise",
+                "ldifs", "antidote", "cwac_weight_only", "cwac_act_only", "cwac")
 METHOD_NAMES = {"sft": "SFT", "asft": "AsFT", "safeinstr": "SafeInstr", "sppft": "SPPFT", "lisa": "Lisa",
-                "safelora": "SafeLoRA", "vaccine": "Vaccine", "cwac": "CWAC", "cwac_weight_only": "weight-only",
-                "cwac_act_only": "activation-only"}
+                "safelora": "SafeLoRA", "vaccine": "Vaccine", "booster": "Booster", "tvaccine": "T-Vaccine",
+                "repnoise": "RepNoise", "ldifs": "LDIFS", "antidote": "Antidote", "cwac": "CWAC",
+                "cwac_weight_only": "weight-only", "cwac_act_only": "activation-only"}
 ABLATION = ("cwac_weight_only", "cwac_act_only", "cwac")
 ABLATION_ONLY = ("cwac_weight_only", "cwac_act_only")
 
