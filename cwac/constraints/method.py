@@ -81,6 +81,11 @@ class CWAC(Method):
             raise ConfigError(f"config {key}={node.name} with {key}.weight.enabled=false and {key}.activation.enabled="
                               "false is plain SFT; use method=sft")
         if flags[0]:
+            from cwac.constraints.input_projection import PROJECT_AT
+
+            if node.weight.project_at not in PROJECT_AT:
+                raise ConfigError(f"config {key}.weight.project_at={node.weight.project_at!r} is not valid; valid "
+                                  f"values: {', '.join(PROJECT_AT)}")
             tc = cfg.training
             try:
                 check_mode(node.weight.mode, int(tc.zero_stage), str(tc.precision), float(tc.weight_decay))

@@ -96,6 +96,9 @@ def test_variant_flags_are_checked_before_any_model_loads(tiny_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"method.weight.mode='update'.*zero_stage=1"):
         check_settings(tiny_cfg("method=cwac", "method.weight.mode=update", "training.precision=bf16",
                                 "training.weight_decay=0.1"))
+    with pytest.raises(ConfigError, match=r"method.weight.project_at='inputs' is not valid; valid values: gradient, "
+                                          r"input, auto"):
+        check_settings(tiny_cfg("method=cwac", "method.weight.project_at=inputs"))
     check_settings(tiny_cfg("method=cwac_act_only", "method.weight.mode=update", "training.precision=bf16",
                             "training.weight_decay=0.1"))   # no weight constraint: its mode is not used
     _, m, _, _ = _method(tiny_cfg, tmp_path, "method=cwac_act_only")
