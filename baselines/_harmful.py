@@ -66,10 +66,33 @@ class HarmfulBatches:
             out.append(self.order.pop(0))
         return out
 
-    def next(self, size: int, packed: bool = False, device=None) -> dict:
+    def _draw(self, size: int) -> list[int]:
         rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
                        if torch.distributed.is_initialized() else (0, 1))
         ids = self._take(size * world)[rank * size: (rank + 1) * size]
         self.last_ids = ids
+        return ids
+
+    def _collate(self, ids: list[int], packed: bool, device) -> dict:
         batch = collate([self.features[i] for i in ids], self.pad, packed=packed)
         return {k: v.to(device) if device is not None else v for k, v in batch.items()}
+
+    def next(self, size: int, packed: bool = False, device=None) -> dict:
+        return self._collate(self._draw(size), packed, device)
+
+    def next_chunks(self, size: int, chunk: int, reduction: str, packed: bool = False,
+                    device=None) -> list[tuple[dict, float]]:
+        """The next batch of ``size`` rows (the rows ``next`` would draw) as forward passes of at most
+        ``chunk`` rows, each with its weight: the weighted sum of the chunks' losses is the whole
+        batch's loss under ``reduction`` (``sequence``: a chunk's share of the rows; ``token``: its
+        share of the target tokens), and so is the weighted sum of their gradients. A pass then holds
+        the activations of ``chunk`` rows, not of ``size``."""
+        ids = self._draw(size)
+        parts = [ids[i:i + chunk] for i in range(0, len(ids), chunk)]
+        if reduction not in ("sequence", "token"):
+            raise ValueError(f"loss reduction must be 'sequence' or 'token', got {reduction!r}")
+        targets = {i: sum(1 for t in self.features[i]["labels"][1:] if t != -100) for i in ids}
+        # cwac.losses.target_ce: the sequence mean runs over the rows that have a target token
+        n = [sum(targets[i] if reduction == "token" else int(targets[i] > 0) for i in part) for part in parts]
+        total = sum(n) or 1
+        return [(self._collate(part, packed, device), k / total) for part, k in zip(parts, n)]

@@ -36,9 +36,16 @@ Hyper-parameters (conf/method/booster.yaml):
   * ``lam`` = 5: ``smooth_align.sh`` (argparse default 1e-3; 25 for GSM8K per git-disl/Booster#3);
   * ``alpha`` = 0.1: ``smooth_align.sh``;
   * ``harmful_batch_size`` = 10: hard-coded in ``get_harmful_dataloader``;
+  * ``harmful_chunk`` = null (ours): rows per harmful forward/backward; null runs the whole harmful
+    batch in one pass, as the reference does. A number splits passes 1 and 2 into chunks whose
+    losses and gradients are weighted to sum to the whole batch's (``HarmfulBatches.next_chunks``),
+    so the objective and the normalisation are the reference's, at one chunk's activations and one
+    more gradient buffer. ``budget=paper`` sets 1: ten rows of 512 tokens beside the micro-batch
+    put the harmful passes' activations at ~66 GiB on Gemma-2-9B (docs/scale.md);
   * ``n_harmful`` = null (every local pair; the reference uses 5000, paper key below);
   * ``harmful_source`` = local (ours: offline); ``seed`` = 0 (ours: the harmful batches' order).
-Paper scale: ``alignment.method.harmful_source=hub alignment.method.n_harmful=5000 offline=false``.
+Paper scale (``conf/method_budget/booster/paper.yaml``): ``harmful_source=hub``, ``n_harmful=5000`` (needs
+``offline=false``) and ``harmful_chunk=1``.
 
 Fine-tuning after it is plain SFT (``baselines._align_stage``):
     python run.py method=booster method@alignment.method=booster model.align=true
@@ -66,6 +73,7 @@ class BoosterConfig:
     lam: float = MISSING
     alpha: float = MISSING
     harmful_batch_size: int = MISSING
+    harmful_chunk: Optional[int] = MISSING
     harmful_source: str = MISSING
     n_harmful: Optional[int] = MISSING
     seed: int = MISSING
@@ -79,10 +87,13 @@ class Booster(AlignmentStageMethod):
     @classmethod
     def check_values(cls, node, key: str) -> None:
         for name, ok, rule in (("lam", node.lam >= 0, ">= 0"), ("alpha", node.alpha > 0, "> 0"),
-                               ("harmful_batch_size", node.harmful_batch_size >= 1, ">= 1")):
+                               ("harmful_batch_size", node.harmful_batch_size >= 1, ">= 1"),
+                               ("harmful_chunk", node.harmful_chunk is None or node.harmful_chunk >= 1,
+                                "null (the whole harmful batch in one pass) or >= 1")):
             if not ok:
                 raise ConfigError(f"config {key}.{name}={node[name]!r} is not valid: Booster needs {key}.{name} {rule} "
-                                  f"(conf/method/booster.yaml: lam=5, alpha=0.1, harmful_batch_size=10)")
+                                  f"(conf/method/booster.yaml: lam=5, alpha=0.1, harmful_batch_size=10, "
+                                  f"harmful_chunk=null)")
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -104,18 +115,18 @@ class Booster(AlignmentStageMethod):
             self.prepare(model)
         net = unwrap_engine(model)   # passes 1-2 call autograd directly, outside the engine's hooks
         params = [p for p in net.parameters() if p.requires_grad]
-        hb = self.harmful.next(int(self.cfg.harmful_batch_size), packed=is_packed(batch), device=model_device(net))
+        size = int(self.cfg.harmful_batch_size)
+        hb = self.harmful.next_chunks(size, int(self.cfg.harmful_chunk or size), self.loss_reduction,
+                                      packed=is_packed(batch), device=model_device(net))
 
-        h_w = self.task_loss(net, hb)                                   # pass 1: h(w), grad h(w)
-        g = _grads(h_w, params)
+        h_w, g = self._harmful_loss_and_grads(net, params, hb)          # pass 1: h(w), grad h(w)
         norm = torch.sqrt(sum((x.float() ** 2).sum() for x in g)) + 1e-7
         scale = self.alpha / norm
         with torch.no_grad():
             for p, x in zip(params, g):
                 p.sub_((scale * x).to(p.dtype))                          # w' = w - alpha * g / ||g||
         try:
-            h_w2 = self.task_loss(net, hb)                              # pass 2: h(w'), grad h(w')
-            g2 = _grads(h_w2, params)
+            h_w2, g2 = self._harmful_loss_and_grads(net, params, hb)    # pass 2: h(w'), grad h(w')
         finally:
             with torch.no_grad():
                 for p, x in zip(params, g):
@@ -132,22 +143,47 @@ class Booster(AlignmentStageMethod):
                    "booster_harmful_grad_norm": float(norm)}
         return LossOutput({"task": f, "attenuation": attenuation}, metrics)
 
+    def _harmful_loss_and_grads(self, net, params, chunks) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """h and grad h on the harmful batch, one chunk's forward and backward at a time (weighted so
+        that the sums are the whole batch's loss and gradient; a single chunk is the batch itself)."""
+        if len(chunks) == 1:
+            h = self.task_loss(net, chunks[0][0])
+            return h, _grads(h, params)
+        h, acc = None, None
+        for hb, weight in chunks:
+            loss = self.task_loss(net, hb) * weight
+            q = _grads(loss, params)
+            if acc is None:
+                acc = q
+            else:
+                for a, b in zip(acc, q):
+                    a.add_(b)
+            del q
+            h = loss.detach() if h is None else h + loss.detach()
+        return h, acc
+
     def align_info(self) -> dict:
         n = len(self.harmful.features) if self.harmful is not None else None
         return {"lam": self.lam, "alpha": self.alpha, "harmful_batch_size": int(self.cfg.harmful_batch_size),
+                "harmful_chunk": self.cfg.harmful_chunk,
                 "harmful_source": self.cfg.harmful_source, "n_harmful_pairs": n,
                 "note": "three passes per micro-batch: h(w), h(w - alpha g/||g||), f(w)"}
 
     @classmethod
     def planned_memory(cls, cfg, spec) -> dict[str, int]:
         """Booster's own tensors in the alignment stage (docs/scale.md): grad h(w) and grad h(w') of every
-        trainable parameter in the model dtype, whole on every rank (ZeRO-3 is refused), and the
-        harmful passes' activations beyond the loop's micro-batch when the harmful batch is larger."""
+        trainable parameter in the model dtype, whole on every rank (ZeRO-3 is refused), one chunk's
+        gradient beside them when the harmful batch runs in chunks, and the harmful passes' activations
+        beyond the loop's micro-batch when a harmful pass holds more rows than it."""
         from cwac.memory import activation_components, key
 
         b = spec.dtype_bytes
+        size = int(cfg.harmful_batch_size)
+        rows = min(size, int(cfg.harmful_chunk or size))
         out = {key("alignment stage: grad h(w) and grad h(w') (model dtype)"): 2 * spec.trainable * b}
-        extra = int(cfg.harmful_batch_size) - spec.micro_batch
+        if rows < size:
+            out[key("alignment stage: one harmful chunk's gradient, summed into them")] = spec.trainable * b
+        extra = rows - spec.micro_batch
         if extra > 0:
             act = sum(c.bytes for c in activation_components(spec, tokens=extra * spec.seq_len))
             out[key("alignment stage: harmful passes' activations beyond the micro-batch")] = act

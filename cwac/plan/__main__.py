@@ -55,6 +55,26 @@ def table(v) -> str:
     return "\n".join(lines)
 
 
+def refuses_zero3(method: str, overrides: list[str]) -> bool:
+    """Whether ``method``'s alignment stage refuses the ZeRO-3 layout of ``overrides`` and takes ZeRO-2
+    (its own ``check_config``, as pre-flight calls it): Booster, T-Vaccine and RepNoise perturb or read
+    whole parameters, so the matrix plans their stage at ZeRO-2 on the same GPUs."""
+    from cwac.api import METHODS
+    from cwac.schema import ConfigError
+
+    cls = METHODS.get(method)
+
+    def refused(extra: list[str]) -> bool:
+        cfg = compose([f"method@alignment.method={method}", *overrides, *extra])
+        try:
+            cls.check_config(cfg.alignment.method, cfg, "alignment.method", "align")
+        except ConfigError:
+            return True
+        return False
+
+    return refused([]) and not refused(["training.zero_stage=2"])
+
+
 def matrix(extra: list[str], methods: list[str] | None = None) -> dict:
     from cwac.api import METHODS
     from cwac.experiment import plugins  # noqa: F401  (registers the methods)
@@ -66,14 +86,19 @@ def matrix(extra: list[str], methods: list[str] | None = None) -> dict:
     yamls = {p.stem for p in (CONF_DIR / "method").glob("*.yaml")}
     methods = list(methods or [m for m in METHODS.names() if m in yamls])
     own = {m: METHODS.get(m).planned_memory.__func__ is not Method.planned_memory.__func__ for m in methods}
-    rows = []
+    rows, zero2s = [], {}
     for model in PAPER_MODELS:
         shapes = model_shapes(compose([f"model={model}", "budget=paper", *extra]))
         for method in methods:
             for name, lay in PAPER_LAYOUTS.items():
-                v = plan_cell(compose([f"model={model}", f"method={method}", "budget=paper", *lay, *extra]), shapes)
+                ov = [f"model={model}", f"method={method}", "budget=paper", *lay, *extra]
+                if (method, name) not in zero2s:   # the same for every model
+                    zero2s[(method, name)] = refuses_zero3(method, ov)
+                zero2 = zero2s[(method, name)]
+                v = plan_cell(compose(ov + ["plan.zero_stage=2"] if zero2 else ov), shapes)
                 d = v.as_dict()
-                rows.append({"model": model, "method": method, "layout": name, "fits": d["fits"],
+                rows.append({"model": model, "method": method, "layout": name, "zero_stage": 2 if zero2 else 3,
+                             "fits": d["fits"],
                              "peak_gib": d["peak_gib"], "peak_phase": d["peak_phase"], "margin_gib": d["margin_gib"],
                              "host_peak_gib": d["host_peak_gib"], "budget_gib": d["budget_gib"],
                              "params_b": round(shapes.n_params / 1e9, 3),
@@ -82,7 +107,9 @@ def matrix(extra: list[str], methods: list[str] | None = None) -> dict:
                                                      and c.where == "device") / GIB, 3)})
     return {"command": "python -m cwac.plan --matrix " + " ".join(extra), "budget": "paper",
             "layouts": PAPER_LAYOUTS, "methods_stating_own_tensors": own,
-            "note": "a method whose planned_memory is the base class's is planned as SFT (nothing of its own)",
+            "note": "a method whose planned_memory is the base class's is planned as SFT (nothing of its own); a "
+                    "method whose alignment stage refuses ZeRO-3 (its check_config) is planned at ZeRO-2 on the "
+                    "layout's GPUs (zero_stage 2 in its rows)",
             "rows": rows, "all_fit": all(r["fits"] for r in rows)}
 
 
@@ -97,7 +124,8 @@ def markdown(m: dict) -> str:
             for l in layouts:
                 r = by[(model, method, l)]
                 mark = "" if r["fits"] else " **does not fit**"
-                cells.append(f"{r['peak_gib']:.1f} ({r['margin_gib']:+.1f}){mark}")
+                stage = " at ZeRO-2" if r.get("zero_stage", 3) != 3 else ""
+                cells.append(f"{r['peak_gib']:.1f} ({r['margin_gib']:+.1f}){stage}{mark}")
             host = by[(model, method, layouts[-1])]["host_peak_gib"]
             out.append(f"| {model} | {method} | " + " | ".join(cells) + f" | {host:.0f} |")
     return "\n".join(out)

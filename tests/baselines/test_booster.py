@@ -70,6 +70,57 @@ def test_three_passes_and_the_attenuated_gradient(tiny_model, tmp_path):
     assert all(not layer._forward_hooks for layer in model.model.layers)
 
 
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+def test_harmful_chunks_sum_to_the_whole_batch(tiny_model, tmp_path, reduction):
+    """harmful_chunk splits passes 1 and 2 into forward/backward passes of fewer rows, weighted so that
+    the optimizer's gradient and the attenuation are those of the whole harmful batch in one pass."""
+    model, *_ = tiny_model
+    batch = _batch(tiny_model)
+    grads, outs = {}, {}
+    for chunk in (None, 1, 2):
+        m = _booster(tiny_model, tmp_path, harmful_batch_size=3, harmful_chunk=chunk)
+        m.loss_reduction = reduction
+        model.zero_grad(set_to_none=True)
+        fwd = []
+        h = model.model.layers[-1].register_forward_hook(lambda *a: fwd.append(1))
+        try:
+            out = m.compute_loss(model, batch, step=0)
+        finally:
+            h.remove()
+        assert len(fwd) == 2 * -(-3 // (chunk or 3)) + 1   # chunks of h(w), of h(w'), then f(w)
+        out.total.backward()
+        grads[chunk] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        outs[chunk] = (float(out.losses["attenuation"].detach()), out.metrics["booster_harmful_loss"])
+        assert m.last["harmful_ids"] == outs.setdefault("ids", m.last["harmful_ids"])   # same seeded rows
+    for chunk in (1, 2):
+        assert outs[chunk][0] == pytest.approx(outs[None][0], rel=1e-4, abs=1e-6)
+        assert outs[chunk][1] == pytest.approx(outs[None][1], rel=1e-5)
+        for a, b in zip(grads[chunk], grads[None]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_harmful_chunk_is_checked_and_planned():
+    from tests.conftest import compose
+
+    from cwac.experiment.preflight import check_settings
+    from cwac.memory import PlanSpec
+    from cwac.plan import model_shapes
+
+    with pytest.raises(ValueError, match=r"alignment.method.harmful_chunk=0 is not valid"):
+        check_settings(compose("model=tiny", "budget=smoke", "model.align=true", "method=booster",
+                               "method@alignment.method=booster", "alignment.method.harmful_chunk=0"))
+    from baselines.booster import Booster
+
+    spec = PlanSpec(shapes=model_shapes(compose("model=tiny")), dtype_bytes=2)
+    node = compose("model=llama3_8b_instruct", "budget=paper", "method=booster").method
+    assert node.harmful_chunk == 1   # the paper preset
+    whole = Booster.planned_memory(compose("method=booster", "method.harmful_chunk=null").method, spec)
+    chunked = Booster.planned_memory(node, spec)
+    # a chunk of one row at micro-batch 1 holds no activations beyond the loop's; one more gradient buffer
+    assert not any("activations" in k for k in chunked) and any("activations" in k for k in whole)
+    assert sum(chunked.values()) == 3 * spec.trainable * 2 < sum(whole.values())
+
+
 def test_harmful_rows_are_the_defence_range_and_never_evaluation_prompts(tiny_model, tmp_path):
     from cwac.data.harmful import beavertails_pairs, eval_harmful_norms, prompt_set
     from cwac.utils import normalize_prompt

@@ -184,3 +184,16 @@ def test_bad_layout_names_the_key():
     with pytest.raises(ValueError, match="plan.gpus=0"):
         layout(plan_cfg("plan.gpus=0"))
     assert GIB == 1024 ** 3
+
+
+def test_matrix_plans_an_alignment_stage_that_refuses_zero3_at_zero2():
+    """Booster's alignment stage refuses ZeRO-3 (pre-flight), so the paper matrix plans it at ZeRO-2 on the
+    same GPUs; SFT and CWAC keep the ZeRO-3 layout."""
+    from cwac.experiment import plugins  # noqa: F401  (registers the methods)
+    from cwac.plan.__main__ import PAPER_LAYOUTS, refuses_zero3
+
+    lay = ["model=llama2_7b_chat", "budget=paper", *PAPER_LAYOUTS["8x80GB ZeRO-3"]]
+    assert refuses_zero3("booster", ["method=booster", *lay])
+    assert not refuses_zero3("sft", ["method=sft", *lay]) and not refuses_zero3("cwac", ["method=cwac", *lay])
+    assert not refuses_zero3("booster", ["method=booster", "model=llama2_7b_chat", "budget=paper",
+                                         "training.zero_stage=2"])   # not ZeRO-3: nothing to refuse
