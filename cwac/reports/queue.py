@@ -11,6 +11,13 @@ A cell that an earlier section lists (same hash) is counted there once. The minu
 needs are estimated from the complete records of the same task and method (their median
 ``timings.total_seconds``), else of the same task, else of all records.
 
+Above the cells stand the **aligned builds** they wait for: the organism (``python run.py
+stage=align``), which every cell starts from, and the aligned artifact of each alignment-stage
+defence that a missing cell names (``method@alignment.method=<m>``). Artifacts are not committed, so
+a fresh machine builds each one once before its cells. A build's minutes come from its own align
+record, else from the organism's build time times the defence's ``align_cost`` in the queue file
+(its passes a step against the organism's one).
+
 Composing ~150 cells one by one takes minutes, so each group override (``task=agnews``,
 ``method=cwac``, ...) is composed once on its own, and a cell's config is the default config with
 the top-level nodes each of its overrides changed put in, and its plain values (``seed``,
@@ -51,6 +58,17 @@ class Cell:
     task: str = ""
     method: str = ""
     first_in: int | None = None        # the earlier section that lists the same cell
+
+
+@dataclass
+class Build:
+    """An aligned artifact that cells need: the organism, or an alignment-stage defence's."""
+
+    overrides: list[str]               # the ``python run.py`` overrides that build it
+    chash: str | None = None           # the align record's config hash
+    done: bool = False                 # an align record exists (it was built once; a fresh machine rebuilds)
+    minutes: float | None = None       # from its align record, else estimated
+    cells: int = 0                     # missing cells that wait for it
 
 
 @dataclass
@@ -162,8 +180,10 @@ def record_index(roots) -> dict[str, dict]:
             if not h:
                 continue
             status = rec.get("status", "started") if f.name == "record.json" else "started"
-            row = {"status": status, "seconds": (rec.get("timings") or {}).get("total_seconds"),
-                   "finished": rec.get("finished"), "cell": rec.get("cell")}
+            timings = rec.get("timings") or {}
+            row = {"status": status, "seconds": timings.get("total_seconds"),
+                   "build_seconds": timings.get("start_model_seconds"), "finished": rec.get("finished"),
+                   "cell": rec.get("cell")}
             if h not in out or rank.get(status, 0) > rank.get(out[h]["status"], 0):
                 out[h] = row
     return out
@@ -206,6 +226,63 @@ def fill(sections: list[Section], records: dict[str, dict], composer: Composer |
                          or median([d for d in done if d.task == c.task]) or median(done))
 
 
+def _alignment_overrides(cell: Cell) -> tuple[str, ...]:
+    return tuple(o for o in cell.overrides if o.startswith(("method@alignment.method=", "alignment.")))
+
+
+def builds(sections: list[Section], records: dict[str, dict], align_cost: dict[str, float],
+           composer: Composer | None = None) -> list[Build]:
+    """The organism's build, then each alignment-stage defence's that a missing cell needs
+    (module docstring), with the missing cells that wait for each."""
+    own = composer is None
+    composer = composer or Composer()
+    missing = [c for c in _unique(sections) if c.status != "done"]
+    wanted = {(): len(missing)}
+    for c in missing:
+        if _alignment_overrides(c):
+            wanted[_alignment_overrides(c)] = wanted.get(_alignment_overrides(c), 0) + 1
+    out = []
+    try:
+        for extra, n in wanted.items():
+            b = Build(["stage=align", *extra], cells=n)
+            b.chash = config_hash(composer.compose(b.overrides))
+            rec = records.get(b.chash) or {}
+            b.done = rec.get("status") == "complete"
+            if b.done and rec.get("seconds") is not None:
+                b.minutes = rec["seconds"] / 60
+            out.append(b)
+    finally:
+        if own:
+            composer.close()
+    organism = records.get(out[0].chash) or {}
+    if organism.get("build_seconds") is not None and organism.get("seconds") is not None:
+        build, rest = organism["build_seconds"] / 60, (organism["seconds"] - organism["build_seconds"]) / 60
+        for b in out[1:]:
+            name = b.overrides[1].split("=", 1)[1] if b.overrides[1].startswith("method@") else None
+            if b.minutes is None and name in align_cost:
+                b.minutes = float(align_cost[name]) * build + rest
+    return out
+
+
+def builds_markdown(blds: list[Build]) -> list[str]:
+    if not blds or not blds[0].cells:
+        return []
+    lines = ["## Aligned builds the missing cells wait for", "",
+             "Artifacts are not committed: a fresh machine builds each of these once, before the cells that need it "
+             "(a cell that finds its artifact missing builds it itself, inside the cell). Minutes: from the build's own "
+             "align record, else ~ the organism's build times the defence's `align_cost` (sweeps/queue.yaml).", "",
+             "| build | built before | minutes | missing cells waiting | config hash |", "|:--|:--|--:|--:|:--|"]
+    for b in blds:
+        mins = "–" if b.minutes is None else (f"{b.minutes:.1f}" if b.done else f"~{b.minutes:.0f}")
+        lines.append(f"| `python run.py {' '.join(b.overrides)}` | {'yes' if b.done else 'no'} | {mins} | {b.cells} "
+                     f"| `{b.chash or '–'}` |")
+    total = sum(b.minutes for b in blds if b.minutes is not None)
+    lines += ["", f"On a fresh machine the builds take about {total:.0f} min (~{total / 60:.1f} h) before their cells"
+              + (f"; {sum(b.minutes is None for b in blds)} untimed" if any(b.minutes is None for b in blds) else "")
+              + ".", ""]
+    return lines
+
+
 def _unique(sections: list[Section]) -> list[Cell]:
     return [c for s in sections for c in s.cells if c.first_in is None]
 
@@ -237,7 +314,8 @@ def _upper_first(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def queue_markdown(sections: list[Section], queue_path: str = "sweeps/queue.yaml") -> str:
+def queue_markdown(sections: list[Section], queue_path: str = "sweeps/queue.yaml",
+                   blds: list[Build] | None = None) -> str:
     cells = _unique(sections)
     lines = ["# Cell queue", "",
              f"Generated by `python -m cwac.reports.queue` (also run by `python -m cwac.reports.build`) from "
@@ -255,6 +333,7 @@ def queue_markdown(sections: list[Section], queue_path: str = "sweeps/queue.yaml
         lines.append(f"| {i} | {s.name} | {len(own)}{f' (+{shared} shared)' if shared else ''} | {n['done']} "
                      f"| {n['failed']} | {n['started']} | {todo} | {_minutes(own)} |")
     lines.append("")
+    lines += builds_markdown(blds or [])
     for i, s in enumerate(sections, 1):
         lines += [f"## {i}. {s.name}", ""]
         if s.run:
@@ -274,14 +353,17 @@ def queue_markdown(sections: list[Section], queue_path: str = "sweeps/queue.yaml
 def build_queue(roots=DEFAULT_ROOTS, queue: Path = QUEUE_YAML, out: Path | None = QUEUE_MD,
                 composer: Composer | None = None) -> list[Section]:
     """Read ``queue``, find each cell's status in ``roots`` and write the markdown to ``out``."""
-    sections = expand(yaml.safe_load(Path(queue).read_text()))
-    fill(sections, record_index(roots), composer)
+    spec = yaml.safe_load(Path(queue).read_text())
+    sections = expand(spec)
+    records = record_index(roots)
+    fill(sections, records, composer)
     if out is not None:
+        blds = builds(sections, records, spec.get("align_cost") or {}, composer)
         try:
             shown = Path(queue).resolve().relative_to(ROOT)
         except ValueError:
             shown = Path(queue)
-        Path(out).write_text(queue_markdown(sections, str(shown)))
+        Path(out).write_text(queue_markdown(sections, str(shown), blds))
     return sections
 
 

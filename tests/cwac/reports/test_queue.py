@@ -65,3 +65,29 @@ def test_project_queue_is_the_issue_order_and_composes():
     first = sections[0].cells
     assert len(first) == 24 and {c.method for c in first} == {"sft", "asft", "safeinstr", "sppft", "cwac", "lisa",
                                                              "safelora", "vaccine"}
+
+
+def test_aligned_builds_the_missing_cells_wait_for(tmp_path):
+    """The organism's build and each alignment-stage defence's that a missing cell names, with the cells
+    waiting for each: timed by the build's own align record, else by the organism's build x align_cost."""
+    q = tmp_path / "queue.yaml"
+    q.write_text(yaml.safe_dump({**QUEUE, "align_cost": {"vaccine": 2}}, sort_keys=False))
+    runs = tmp_path / "runs"
+    organism = config_hash(compose_config("stage=align"))
+    d = runs / "align"
+    d.mkdir(parents=True)
+    (d / "record.json").write_text(json.dumps({"status": "complete", "config_hash": organism, "cell": "align",
+                                               "timings": {"total_seconds": 1800.0, "start_model_seconds": 1500.0}}))
+    out = tmp_path / "queue.md"
+    build_queue([runs], q, out)
+    md = out.read_text()
+    vaccine = config_hash(compose_config("stage=align", "method@alignment.method=vaccine"))
+    assert "## Aligned builds the missing cells wait for" in md
+    # 3 missing cells (sft, vaccine, the one that does not compose) start from the organism, 1 from Vaccine's
+    assert f"| `python run.py stage=align` | yes | 30.0 | 3 | `{organism}` |" in md
+    # 2 x the organism's 25-minute build + its 5 minutes of evaluation
+    assert f"| `python run.py stage=align method@alignment.method=vaccine` | no | ~55 | 1 | `{vaccine}` |" in md
+    assert "the builds take about 85 min (~1.4 h)" in md
+    (d / "record.json").unlink()
+    build_queue([runs], q, out)
+    assert "| `python run.py stage=align method@alignment.method=vaccine` | no | – | 1 |" in out.read_text()
