@@ -57,8 +57,8 @@ def table(v) -> str:
 
 def refuses_zero3(method: str, overrides: list[str]) -> bool:
     """Whether ``method``'s alignment stage refuses the ZeRO-3 layout of ``overrides`` and takes ZeRO-2
-    (its own ``check_config``, as pre-flight calls it): Booster, T-Vaccine and RepNoise perturb or read
-    whole parameters, so the matrix plans their stage at ZeRO-2 on the same GPUs."""
+    (its own ``check_config``, as pre-flight calls it; alignment-stage defences that perturb or read
+    whole parameters do), so that the matrix plans such a stage at ZeRO-2 on the same GPUs."""
     from cwac.api import METHODS
     from cwac.schema import ConfigError
 
