@@ -15,6 +15,8 @@ both counts once), keeps the complete fine-tuning records, and writes
 * ``results/tables/degenerate[-s<setting>].{md,tex}``: per method at the main ratio, the share of flagged HS
   answers that are empty, repeated or off-topic (``cwac.reports.degenerate``),
 * ``results/tables/timings.md``: every cell's seconds per phase and the host it ran on,
+* ``results/tables/{aligned,step_cost}.md``: each aligned artifact's own scores and build cost, and each
+  method's fine-tuning step time over SFT's on the same host (``cwac.reports.costs``),
 * ``results/claims.md`` and the "Claims" section of ``results/index.md``: the paper's four claims
   checked on the main setting's records (``cwac.reports.claims``),
 * ``results/index.md``: every table, links to the plots, what is missing (failed and
@@ -42,6 +44,7 @@ from pathlib import Path
 from cwac.reports import plots
 from cwac.reports.claims import check_claims, claims_markdown
 from cwac.reports.collect import Coverage, Result, flatten, load_results, setting_diff
+from cwac.reports.costs import aligned_markdown, reference_records, step_cost_markdown
 from cwac.reports.degenerate import degenerate_table
 from cwac.reports.organism import organism_name
 from cwac.reports.tables import (ABLATION, ABLATION_ONLY, GENERALISATION, Table, generalisation_table, lr_table,
@@ -86,6 +89,7 @@ def describe_setting(r: Result, seeds: list[int], show_lr: bool = True) -> str:
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ROOTS = ("runs", "results/records")   # relative to the working directory
+HISTORY = "results/history"                    # superseded records: the cost tables' denominators only
 README_BEGIN = "<!-- BEGIN results/tables/main.md"
 README_END = "<!-- END results/tables/main.md -->"
 
@@ -112,9 +116,12 @@ def modal_lr(rs: list[Result]) -> float | None:
 
 
 def build(roots: list[Path], out: Path, main_p: float = 0.1, decimals: int = 1, ignore: tuple[str, ...] = (),
-          make_plots: bool = True, command: str | None = None, queue_note: str | None = None) -> dict:
+          make_plots: bool = True, command: str | None = None, queue_note: str | None = None,
+          references: list[Path] = ()) -> dict:
     """Write tables, plots, ``claims.md`` and ``index.md`` into ``out``; return what was written.
-    ``queue_note``: a line on the cell queue's progress for the index's coverage section."""
+    ``queue_note``: a line on the cell queue's progress for the index's coverage section.
+    ``references``: folders of records kept out of the tables (``results/history/``) that the cost
+    tables may still use as their denominators (``cwac.reports.costs``)."""
     results, cov = load_results(roots, ignore)
     tdir, pdir = out / "tables", out / "plots"
     for d, exts in ((tdir, ("*.md", "*.tex")), (pdir, ("*.png",))):
@@ -209,18 +216,23 @@ def build(roots: list[Path], out: Path, main_p: float = 0.1, decimals: int = 1, 
     timings = timings_markdown(results)
     if timings:
         (tdir / "timings.md").write_text(timings)
+    refs = reference_records(references)
+    costs = {"aligned": aligned_markdown(cov.aligned, refs), "step_cost": step_cost_markdown(results, main_p, refs)}
+    costs = {k: v for k, v in costs.items() if v}
+    for name, md in costs.items():
+        (tdir / f"{name}.md").write_text(md)
     if claims_md is None:
         claims_md = claims_markdown(check_claims([], main_p), "No complete fine-tuning records.")
     (out / "claims.md").write_text(claims_md)
     (out / "index.md").write_text(index_md(tables, plot_files, cov, results, out, decimals, command, timings,
-                                           claims_md, queue_note))
-    return {"tables": [t.name for t in tables] + (["timings"] if timings else []),
+                                           claims_md, queue_note, costs))
+    return {"tables": [t.name for t in tables] + (["timings"] if timings else []), "costs": list(costs),
             "plots": [p.name for p in plot_files], "coverage": cov, "n_results": len(results)}
 
 
 def index_md(tables: list[Table], plot_files: list[Path], cov: Coverage, results: list[Result], out: Path,
              decimals: int, command: str | None, timings: str | None = None, claims: str | None = None,
-             queue_note: str | None = None) -> str:
+             queue_note: str | None = None, costs: dict[str, str] | None = None) -> str:
     commits = Counter(f"{(r.git.get('commit') or 'unknown')[:10]}{'+dirty' if r.git.get('dirty') else ''}"
                       for r in results)
     finished = sorted(r.finished for r in results if r.finished)
@@ -239,6 +251,8 @@ def index_md(tables: list[Table], plot_files: list[Path], cov: Coverage, results
     if claims:
         lines += [claims.replace("\n### ", "\n#### ").rstrip("\n"),
                   "", "File: [claims.md](claims.md)", ""]
+    for name, md in (costs or {}).items():   # the aligned artifacts and the step-time ratios
+        lines += [md, f"File: [tables/{name}.md](tables/{name}.md)", ""]
     if timings:
         lines += [timings, "File: [tables/timings.md](tables/timings.md)", ""]
     if plot_files:
@@ -284,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
 
         queue_note = progress(build_queue([Path(r) for r in args.runs])) + ": [sweeps/queue.md](../sweeps/queue.md)"
     res = build([Path(r) for r in args.runs], Path(args.out), args.main_p, args.decimals, tuple(args.ignore),
-                not args.no_plots, command.strip(), queue_note)
+                not args.no_plots, command.strip(), queue_note,
+                [Path(HISTORY)] if default_roots and Path(HISTORY).is_dir() else [])
     main_table = Path(args.out) / "tables" / "main.md"
     if Path(args.out).resolve() == (ROOT / "results").resolve() and main_table.exists():
         splice_readme(ROOT / "README.md", main_table.read_text())   # the README's headline table

@@ -70,6 +70,7 @@ class Coverage:
 
     complete: int = 0
     skipped_stage: int = 0                                   # complete records of stage=align
+    aligned: list[dict] = field(default_factory=list)         # those records (``_run_dir`` added)
     failed: list[dict] = field(default_factory=list)          # {"cell", "run_dir", "error"}
     unfinished: list[dict] = field(default_factory=list)      # started.json without a record
     duplicates: list[dict] = field(default_factory=list)      # superseded records of the same cell
@@ -246,6 +247,8 @@ def load_results(roots: list[str | Path], ignore: tuple[str, ...] = ()) -> tuple
             continue
         if rec.get("stage", node(rec, "config").get("stage")) != "finetune":
             cov.skipped_stage += 1
+            rec["_run_dir"] = run_dir
+            cov.aligned.append(rec)
             continue
         rec["_run_dir"] = run_dir
         records.append(rec)

@@ -260,6 +260,15 @@ def lr_table(results: list[Result], model: str, task: str, name: str, caption: s
     return table
 
 
+def host_label(host: dict | None) -> str:
+    """``AMD EPYC (avx2; 1 threads)``: the CPU, its ISA flags and torch threads of a record's ``host``."""
+    if not host:
+        return "not recorded"
+    isa = ", ".join(host.get("isa") or []) or "none of AVX2/AVX-512/AMX"
+    gpu = f"; {host['gpu']}" if host.get("gpu") else ""
+    return f"{host.get('cpu')} ({isa}; {host.get('torch_threads')} threads){gpu}"
+
+
 def timings_markdown(results: list[Result]) -> str | None:
     """Each cell's time from its record (``timings``), with the host it ran on (``record["host"]``):
     a time says little without the CPU (the same step ran 1.8-1.9x slower per token on an AVX2-only host)."""
@@ -271,13 +280,6 @@ def timings_markdown(results: list[Result]) -> str | None:
         v = r.timings.get(k)
         return "–" if v is None else f"{v:.1f}"
 
-    def host(r: Result) -> str:
-        if not r.host:
-            return "not recorded"
-        isa = ", ".join(r.host.get("isa") or []) or "none of AVX2/AVX-512/AMX"
-        gpu = f"; {r.host['gpu']}" if r.host.get("gpu") else ""
-        return f"{r.host.get('cpu')} ({isa}; {r.host.get('torch_threads')} threads){gpu}"
-
     lines = ["### Cell times", "",
              "| Model | Task | p | Method | Seed | total s | train s (s/step) | eval s | prepare s | host | finished |",
              "|:--|:--|--:|:--|--:|--:|--:|--:|--:|:--|:--|"]
@@ -287,7 +289,7 @@ def timings_markdown(results: list[Result]) -> str | None:
             train += f" ({r.timings['seconds_per_step']:.2f})"
         lines.append(f"| {pretty('model', r.model)} | {pretty('task', r.task)} | {r.p:g} | {pretty('method', r.method)} "
                      f"| {r.seed} | {sec(r, 'total_seconds')} | {train} | {sec(r, 'eval_seconds')} "
-                     f"| {sec(r, 'prepare_seconds')} | {host(r)} | {r.finished} |")
+                     f"| {sec(r, 'prepare_seconds')} | {host_label(r.host)} | {r.finished} |")
     lines += ["", "From each record's `timings` (total = the whole cell, start model and evaluation included) and "
               "`host`; prepare = the method's one-off work (CWAC's subspace, SAE and latents when first built).", ""]
     return "\n".join(lines)
