@@ -7,6 +7,7 @@ and stores the result as an artifact keyed by everything that changes its weight
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -73,6 +74,23 @@ def build_aligned(cfg: DictConfig, store: ArtifactStore, base_path: str, out: Pa
     losses = [h["losses/total"] for h in res.train.history]
     return {"steps": res.train.steps, "train_seconds": round(res.train.seconds, 1), "n_rows": len(res.rows),
             "packing": res.train.packing,
-            "loss_first": losses[0], "loss_last": losses[-1], "method": acfg.method.name,
+            "loss_first": losses[0], "loss_last": losses[-1], "weights_sha256": weights_digest(out),
+            "method": acfg.method.name,
             "method_info": method.record_info(),
             "refusal_source": "bank:openers x reasons x redirects (cwac/alignment.py)"}
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over the folder's ``*.safetensors`` files, in name order.
+
+    The artifact key says what recipe built the weights, not which floats came out: the same key
+    built at another torch thread count (or on another ISA) reduces in another order and ends a
+    few 1e-3 of loss apart (docs/organism.md, "One key, two builds"). Every cell record copies
+    this digest (``info.alignment.meta``), so it names the very weights it started from.
+    """
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()

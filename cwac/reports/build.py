@@ -17,6 +17,8 @@ both counts once), keeps the complete fine-tuning records, and writes
 * ``results/tables/timings.md``: every cell's seconds per phase and the host it ran on,
 * ``results/tables/{aligned,step_cost}.md``: each aligned artifact's own scores and build cost, and each
   method's fine-tuning step time over SFT's on the same host (``cwac.reports.costs``),
+* ``results/tables/builds.md`` (only when it has rows): the aligned artifacts whose cells started from
+  more than one build of the same key (``cwac.reports.builds``),
 * ``results/claims.md`` and the "Claims" section of ``results/index.md``: the paper's four claims
   checked on the main setting's records (``cwac.reports.claims``),
 * ``results/index.md``: every table, links to the plots, what is missing (failed and
@@ -44,6 +46,7 @@ from pathlib import Path
 from cwac.reports import plots
 from cwac.reports.claims import check_claims, claims_markdown
 from cwac.reports.collect import Coverage, Result, flatten, load_results, setting_diff
+from cwac.reports.builds import builds_markdown
 from cwac.reports.costs import aligned_markdown, reference_records, step_cost_markdown
 from cwac.reports.degenerate import degenerate_table
 from cwac.reports.organism import organism_name
@@ -217,7 +220,9 @@ def build(roots: list[Path], out: Path, main_p: float = 0.1, decimals: int = 1, 
     if timings:
         (tdir / "timings.md").write_text(timings)
     refs = reference_records(references)
-    costs = {"aligned": aligned_markdown(cov.aligned, refs), "step_cost": step_cost_markdown(results, main_p, refs)}
+    align_refs = [r for r in refs if str(r.get("stage", (r.get("config") or {}).get("stage"))) == "align"]
+    costs = {"aligned": aligned_markdown(cov.aligned, refs, results), "builds": builds_markdown(results, cov.aligned + align_refs),
+             "step_cost": step_cost_markdown(results, main_p, refs)}
     costs = {k: v for k, v in costs.items() if v}
     for name, md in costs.items():
         (tdir / f"{name}.md").write_text(md)
@@ -251,7 +256,7 @@ def index_md(tables: list[Table], plot_files: list[Path], cov: Coverage, results
     if claims:
         lines += [claims.replace("\n### ", "\n#### ").rstrip("\n"),
                   "", "File: [claims.md](claims.md)", ""]
-    for name, md in (costs or {}).items():   # the aligned artifacts and the step-time ratios
+    for name, md in (costs or {}).items():   # the aligned artifacts, their builds, the step-time ratios
         lines += [md, f"File: [tables/{name}.md](tables/{name}.md)", ""]
     if timings:
         lines += [timings, "File: [tables/timings.md](tables/timings.md)", ""]

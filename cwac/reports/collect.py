@@ -62,6 +62,7 @@ class Result:
     organism: str = ""  # the aligned artifact's key (cwac.reports.organism); "none" without our alignment
     lr: float | None = None                                   # training.lr
     metrics: dict = field(default_factory=dict, repr=False)   # record["metrics"]
+    build: dict | None = field(default=None, repr=False)      # the aligned build it started from (build_of)
 
 
 @dataclass
@@ -74,6 +75,22 @@ class Coverage:
     failed: list[dict] = field(default_factory=list)          # {"cell", "run_dir", "error"}
     unfinished: list[dict] = field(default_factory=list)      # started.json without a record
     duplicates: list[dict] = field(default_factory=list)      # superseded records of the same cell
+
+
+def build_of(record: dict) -> dict | None:
+    """``{"artifact", "id", "host", "created"}`` of the aligned build a record started from (or
+    built, for a ``stage=align`` record); None for a record without our alignment stage."""
+    art = (record.get("info") or {}).get("alignment") or {}
+    meta = art.get("meta") or {}
+    if not art.get("hash"):
+        return None
+    if meta.get("weights_sha256"):
+        ident = f"weights {meta['weights_sha256'][:12]}"
+    elif meta.get("loss_first") is not None and meta.get("loss_last") is not None:
+        ident = f"losses {meta['loss_first']:.7f} / {meta['loss_last']:.7f}"
+    else:
+        ident = f"built {art.get('created', '?')}"
+    return {"artifact": str(art["hash"]), "id": ident, "host": art.get("host"), "created": art.get("created")}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -268,7 +285,7 @@ def load_results(roots: list[str | Path], ignore: tuple[str, ...] = ()) -> tuple
                      over_refusal=metrics.get("over_refusal"), run_dir=rec["_run_dir"],
                      finished=str(rec.get("finished", "")), config=cfg, git=rec.get("git") or {},
                      timings=rec.get("timings") or {}, host=rec.get("host") or {}, organism=organism_key(rec),
-                     lr=node(cfg, "training").get("lr"), metrics=metrics)
+                     lr=node(cfg, "training").get("lr"), metrics=metrics, build=build_of(rec))
         key = (res.setting, res.model, res.task, res.p, res.lr, res.method, res.seed)
         old = results.get(key)
         if old is not None:  # same cell twice (e.g. two runs folders): keep the newest, report the other

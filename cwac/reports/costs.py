@@ -25,7 +25,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from cwac.reports.collect import Result, node
+from cwac.reports.collect import Result, build_of, node
 from cwac.reports.organism import organism_key, organism_name
 from cwac.reports.tables import _order, host_label, pretty
 
@@ -69,7 +69,8 @@ def _aligned(records: list[dict]) -> dict[tuple, dict]:
                "over_refusal": metrics.get("over_refusal"), "fa": metrics.get("fa"),
                "build_seconds": art.get("build_seconds"), "steps": steps,
                "s_per_step": train_s / steps if steps and train_s is not None else None,
-               "host": art.get("host") or rec.get("host") or {}, "finished": str(rec.get("finished", ""))}
+               "host": art.get("host") or rec.get("host") or {}, "finished": str(rec.get("finished", "")),
+               "build": (build_of(rec) or {}).get("id")}
         key = (row["artifact"], _host_key(row["host"]))
         if key not in rows or row["finished"] >= rows[key]["finished"]:
             rows[key] = row
@@ -95,15 +96,16 @@ def _num(v, fmt: str = ".1f") -> str:
     return "–" if v is None else format(v, fmt)
 
 
-def aligned_markdown(records: list[dict], references: list[dict] = ()) -> str | None:
-    """The aligned-artifacts table (see the module docstring); None without align records."""
+def aligned_markdown(records: list[dict], references: list[dict] = (), results: list[Result] = ()) -> str | None:
+    """The aligned-artifacts table (see the module docstring); None without align records. ``results``:
+    the fine-tuning cells, counted per artifact as started from this record's build or from another."""
     rows = aligned_rows(records, references)
     if not rows:
         return None
     lines = ["### Aligned artifacts, before fine-tuning", "",
              "| Model | Alignment stage | organism | artifact | HS | HS by set | over-refusal | FA (zero-shot) "
-             "| build s | steps | s/step | s/step ÷ organism's | build host |",
-             "|:--|:--|:--|:--|--:|:--|--:|--:|--:|--:|--:|--:|:--|"]
+             "| build s | steps | s/step | s/step ÷ organism's | build host | cells from this build |",
+             "|:--|:--|:--|:--|--:|:--|--:|--:|--:|--:|--:|--:|:--|--:|"]
     for r in rows:
         label = "SFT (the organism's recipe)" if r["method"] == "sft" else pretty("method", r["method"])
         by_set = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["hs_by_set"].items())) or "–"
@@ -111,14 +113,23 @@ def aligned_markdown(records: list[dict], references: list[dict] = ()) -> str | 
         lines.append(f"| {pretty('model', r['model'])} | {label} | {organism_name(r['organism'])} | `{r['artifact']}` "
                      f"| {_num(r['hs'])} | {by_set} | {_num(r['over_refusal'])} | {fa} | {_num(r['build_seconds'])} "
                      f"| {_num(r['steps'], 'd')} | {_num(r['s_per_step'], '.2f')} | {_num(r['vs_organism'], '.2f')} "
-                     f"| {host_label(r['host'])} |")
+                     f"| {host_label(r['host'])} | {_from_build(r, results)} |")
     lines += ["", "From each `stage=align` record (`python run.py stage=align method@alignment.method=<defence>`): "
               "the aligned model's own scores with the fine-tuned cells' judge and prompts, and its build "
               "(`info.alignment`: seconds, steps and the host it was built on). An alignment-stage defence uses "
               "the organism's recipe, so s/step ÷ organism's is its build cost in organism builds; it is shown "
               "only where the organism was built on the same host (CPU, ISA flags, torch threads), in this "
-              "table or in `results/history/`.", ""]
+              "table or in `results/history/`. Cells from this build: of the fine-tuning cells that started from "
+              "this artifact key, those that started from this very build (the same weights; "
+              "`cwac.reports.builds`); the others started from another build of the same key, listed in "
+              "\"Aligned artifacts whose cells came from more than one build\".", ""]
     return "\n".join(lines)
+
+
+def _from_build(row: dict, results: list[Result]) -> str:
+    """``3 of 5``: the cells of ``row``'s artifact that started from ``row``'s build."""
+    of_key = [r.build["id"] for r in results if r.build and r.build["artifact"] == row["artifact"]]
+    return f"{sum(i == row['build'] for i in of_key)} of {len(of_key)}" if of_key else "–"
 
 
 def _sft_reference_steps(references: list[dict], main_p: float) -> dict[tuple, list[float]]:

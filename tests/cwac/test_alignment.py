@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -26,6 +27,10 @@ def test_alignment_artifact_reused_then_rebuilt(tiny_cfg, tmp_path):
     assert len(first) == 1
     meta = ArtifactStore.meta(first[0])
     assert meta["meta"]["steps"] > 0 and meta["meta"]["method"] == "sft"
+    # the record names the very weights it built (the key names only the recipe)
+    weights = sorted(first[0].glob("*.safetensors"))
+    assert weights and meta["meta"]["weights_sha256"] == hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()
+    assert rec["info"]["alignment"]["meta"]["weights_sha256"] == meta["meta"]["weights_sha256"]
     # a fine-tuning cell on the same model reuses the artifact (same folder, same build time)
     ft = run_cell(tiny_cfg("model.align=true", "method=sft", f"paths.artifacts={artifacts}"))
     assert ft["info"]["start_model"] == str(first[0])

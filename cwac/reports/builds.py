@@ -1,0 +1,64 @@
+"""Which build of an aligned artifact each fine-tuning cell started from.
+
+An aligned artifact's key names its recipe, not its floats. The same key built at another torch
+thread count (or on another ISA) reduces its sums in another order, and two machines then hold
+different weights under one key (docs/organism.md, "One key, two builds"). A cell's record names
+the build it started from: by the weights' sha256 (``info.alignment.meta.weights_sha256``), or,
+for records written before the digest existed, by the build's first and last training loss, which
+such builds do not share. This section lists every artifact whose cells came from more than one
+build, so a table that mixes them says so.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from cwac.reports.collect import Result, build_of
+from cwac.reports.tables import host_label, pretty
+
+
+def _seeds(rs: list[Result]) -> str:
+    """``SST-2 p = 0.1 CWAC: s42, s43; ...`` (the learning rate only where the cells have more than one)."""
+    by_cell: dict[tuple, list[int]] = defaultdict(list)
+    for r in rs:
+        by_cell[(r.model, r.task, r.p, r.lr, r.method)].append(r.seed)
+    show_lr = len({r.lr for r in rs}) > 1
+    return "; ".join(f"{pretty('task', t)} p = {p:g}{f' lr {lr:g}' if show_lr else ''} {pretty('method', m)}: "
+                     + ", ".join(f"s{s}" for s in sorted(seeds))
+                     for (_, t, p, lr, m), seeds in sorted(by_cell.items(), key=lambda kv: str(kv[0])))
+
+
+def builds_markdown(results: list[Result], aligned: list[dict]) -> str | None:
+    """A table of the artifacts whose cells started from more than one build (None when none did),
+    with each build's own scores where a ``stage=align`` record of that build is in ``aligned``."""
+    cells: dict[str, dict[str, list[Result]]] = defaultdict(lambda: defaultdict(list))
+    info: dict[tuple[str, str], dict] = {}
+    for r in results:
+        b = r.build
+        if b:
+            cells[b["artifact"]][b["id"]].append(r)
+            info.setdefault((b["artifact"], b["id"]), b)
+    scores: dict[tuple[str, str], dict] = {}
+    for rec in aligned:
+        b = build_of(rec)
+        if b:
+            scores.setdefault((b["artifact"], b["id"]), rec.get("metrics") or {})
+            info.setdefault((b["artifact"], b["id"]), b)
+    mixed = {a: by for a, by in cells.items() if len(by) > 1}
+    if not mixed:
+        return None
+    lines = ["### Aligned artifacts whose cells came from more than one build", "",
+             "| artifact | build | built on | built | its HS / over-refusal | cells that started from it |",
+             "|:--|:--|:--|:--|:--|:--|"]
+    for artifact in sorted(mixed):
+        for ident in sorted(mixed[artifact], key=lambda i: str(info[(artifact, i)].get("created"))):
+            b, m = info[(artifact, ident)], scores.get((artifact, ident))
+            own = "–" if m is None else f"{m.get('hs', float('nan')):.1f} / {m.get('over_refusal', float('nan')):.0f}"
+            lines.append(f"| `{artifact}` | {ident} | {host_label(b.get('host'))} | {b.get('created') or '?'} | {own} "
+                         f"| {_seeds(mixed[artifact][ident])} |")
+    lines += ["", "One artifact key, two sets of floats: the builds ran the same recipe at another torch thread "
+              "count or ISA, so their sums were reduced in another order. A table that averages such cells mixes "
+              "builds as well as seeds; docs/organism.md (\"One key, two builds\") measures how far apart the "
+              "builds are. A build's own scores come from its `stage=align` record (in `results/records/` or "
+              "`results/history/`).", ""]
+    return "\n".join(lines)
