@@ -44,9 +44,9 @@ from collections import Counter
 from pathlib import Path
 
 from cwac.reports import plots
+from cwac.reports.builds import builds_markdown
 from cwac.reports.claims import check_claims, claims_markdown
 from cwac.reports.collect import Coverage, Result, flatten, load_results, setting_diff
-from cwac.reports.builds import builds_markdown
 from cwac.reports.costs import aligned_markdown, reference_records, step_cost_markdown
 from cwac.reports.degenerate import degenerate_table
 from cwac.reports.organism import organism_name
