@@ -46,7 +46,7 @@ from pathlib import Path
 from cwac.reports import plots
 from cwac.reports.builds import builds_markdown
 from cwac.reports.claims import check_claims, claims_markdown
-from cwac.reports.collect import Coverage, Result, flatten, load_results, setting_diff
+from cwac.reports.collect import Coverage, Result, flatten, load_results, setting_diff, stage_of
 from cwac.reports.costs import aligned_markdown, reference_records, step_cost_markdown
 from cwac.reports.degenerate import degenerate_table
 from cwac.reports.organism import organism_name
@@ -220,7 +220,7 @@ def build(roots: list[Path], out: Path, main_p: float = 0.1, decimals: int = 1, 
     if timings:
         (tdir / "timings.md").write_text(timings)
     refs = reference_records(references)
-    align_refs = [r for r in refs if str(r.get("stage", (r.get("config") or {}).get("stage"))) == "align"]
+    align_refs = [r for r in refs if stage_of(r) == "align"]
     costs = {"aligned": aligned_markdown(cov.aligned, refs, results), "builds": builds_markdown(results, cov.aligned + align_refs),
              "step_cost": step_cost_markdown(results, main_p, refs)}
     costs = {k: v for k, v in costs.items() if v}

@@ -77,6 +77,11 @@ class Coverage:
     duplicates: list[dict] = field(default_factory=list)      # superseded records of the same cell
 
 
+def stage_of(record: dict) -> str:
+    """``finetune`` or ``align``: the stage a record ran (older records have it in their config only)."""
+    return str(record.get("stage", node(record, "config").get("stage")))
+
+
 def build_of(record: dict) -> dict | None:
     """``{"artifact", "id", "host", "created"}`` of the aligned build a record started from (or
     built, for a ``stage=align`` record); None for a record without our alignment stage."""
@@ -262,7 +267,7 @@ def load_results(roots: list[str | Path], ignore: tuple[str, ...] = ()) -> tuple
             cov.failed.append({"cell": rec.get("cell", run_dir.name), "run_dir": str(run_dir),
                                "error": rec.get("error")})
             continue
-        if rec.get("stage", node(rec, "config").get("stage")) != "finetune":
+        if stage_of(rec) != "finetune":
             cov.skipped_stage += 1
             rec["_run_dir"] = run_dir
             cov.aligned.append(rec)

@@ -25,7 +25,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from cwac.reports.collect import Result, build_of, node
+from cwac.reports.collect import Result, build_of, node, stage_of
 from cwac.reports.organism import organism_key, organism_name
 from cwac.reports.tables import _order, host_label, pretty
 
@@ -47,10 +47,6 @@ def reference_records(roots) -> list[dict]:
             if rec.get("status") == "complete":
                 out.append(rec)
     return out
-
-
-def _stage(rec: dict) -> str:
-    return str(rec.get("stage", node(rec, "config").get("stage")))
 
 
 def _aligned(records: list[dict]) -> dict[tuple, dict]:
@@ -81,7 +77,7 @@ def aligned_rows(records: list[dict], references: list[dict] = ()) -> list[dict]
     """One row per aligned artifact and build host (the newest complete align record of each), with
     its s/step over the plain organism's build on the same host (``vs_organism``)."""
     out = list(_aligned(records).values())
-    pool = out + [r for k, r in _aligned([x for x in references if _stage(x) == "align"]).items()
+    pool = out + [r for k, r in _aligned([x for x in references if stage_of(x) == "align"]).items()
                   if k not in {(o["artifact"], _host_key(o["host"])) for o in out}]
     for r in out:   # the plain organism (SFT-aligned) built on the same host: the unit of build cost
         ref = [o for o in pool if o["method"] == "sft" and o["model"] == r["model"]
@@ -138,7 +134,7 @@ def _sft_reference_steps(references: list[dict], main_p: float) -> dict[tuple, l
     for rec in references:
         cfg = rec.get("config") or {}
         sps = (rec.get("timings") or {}).get("seconds_per_step")
-        if (_stage(rec) != "finetune" or sps is None or node(cfg, "method").get("name") != "sft"
+        if (stage_of(rec) != "finetune" or sps is None or node(cfg, "method").get("name") != "sft"
                 or node(cfg, "alignment.method").get("name", "sft") != "sft"
                 or abs(float(node(cfg, "harmful").get("ratio", -1)) - main_p) > 1e-9):
             continue
