@@ -24,6 +24,7 @@ from cwac.data.prompts import collate, pad_id
 from cwac.api import Method
 from cwac.data.examples import Example
 from cwac.data.prompts import PromptFormatter
+from cwac.utils import cpu_clock, other_cores
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class TrainResult:
     seconds: float
     history: list[dict] = field(default_factory=list)  # one row per optimizer step
     packing: dict = field(default_factory=dict)         # requested / used / why not (``packing_plan``)
+    other_cores: float | None = None   # cores other processes kept busy meanwhile (``utils.other_cores``)
 
 
 def packing_plan(tc: DictConfig, method: Method) -> dict:
@@ -250,7 +252,7 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
     pad = pad_id(tokenizer)
     plan = packing_plan(tc, method)
     history: list[dict] = []
-    t0 = time.time()
+    t0, clock0 = time.time(), cpu_clock()
     pos = 0
     # DeepSpeed's ZeRO-0 fp32 path clips without keeping the norm; compute it ourselves there.
     own_norm, gn_own = int(tc.zero_stage) == 0, None
@@ -300,7 +302,8 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
         unpartition_zero3(engine)
     check_finite_weights(model, steps)   # once: a NaN update never becomes a complete record
     model.eval()
-    return TrainResult(steps=steps, seconds=time.time() - t0, history=history, packing=plan)
+    return TrainResult(steps=steps, seconds=time.time() - t0, history=history, packing=plan,
+                       other_cores=other_cores(clock0, cpu_clock()))
 
 
 @dataclass

@@ -9,6 +9,7 @@ import os
 import platform
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,34 @@ def cpuinfo(text: str) -> tuple[str | None, set[str]]:
         elif key in ("flags", "Features") and not flags:
             flags = set(val.split())
     return cpu, flags
+
+
+def cpu_clock() -> tuple[float, float, float] | None:
+    """(wall seconds, CPU seconds the whole host has spent busy, CPU seconds of this process), read
+    now from Linux's ``/proc/stat``; ``None`` elsewhere. Two readings give ``other_cores``."""
+    try:
+        head = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if len(head) < 9 or head[0] != "cpu":
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in head[1:9])
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return time.monotonic(), busy, time.process_time()
+
+
+def other_cores(start: tuple | None, end: tuple | None) -> float | None:
+    """How many cores, on average, processes other than this one kept busy between two
+    ``cpu_clock`` readings: ~0 for a cell alone on the host, ~1 beside one single-threaded cell.
+
+    Step times are only comparable between cells that shared the host alike: at one torch thread
+    on the AVX2-only host, the plain-SFT steps of SafeLoRA and Vaccine cells took 4.80 and 3.08 s
+    (results/tables/step_cost.md), a gap their records could not explain. Every record now carries
+    this beside its timings (``timings.other_cores``; the alignment build's in its artifact meta)."""
+    if start is None or end is None or end[0] <= start[0]:
+        return None
+    others = (end[1] - start[1]) - (end[2] - start[2])
+    return round(max(0.0, others / (end[0] - start[0])), 2)
 
 
 def host_info() -> dict:

@@ -73,6 +73,7 @@ def build_aligned(cfg: DictConfig, store: ArtifactStore, base_path: str, out: Pa
     (out / "alignment_rows.sha").write_text(stable_hash([e.to_dict() for e in res.rows]) + "\n")
     losses = [h["losses/total"] for h in res.train.history]
     return {"steps": res.train.steps, "train_seconds": round(res.train.seconds, 1), "n_rows": len(res.rows),
+            "other_cores": res.train.other_cores,
             "packing": res.train.packing,
             "loss_first": losses[0], "loss_last": losses[-1], "weights_sha256": weights_digest(out),
             "method": acfg.method.name,

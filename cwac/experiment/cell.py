@@ -295,6 +295,7 @@ def _run(cfg: DictConfig, run_dir: Path, logger, main: bool, inputs: Inputs) -> 
     timings["prepare_seconds"] = round(res.prepare_seconds, 1)
     timings["train_seconds"] = round(res.train.seconds, 1)
     timings["seconds_per_step"] = round(res.train.seconds / max(1, res.train.steps), 3)
+    timings["other_cores"] = res.train.other_cores
     if not main:   # rank 0 evaluates and writes the record
         return {"metrics": {}, "info": info, "timings": timings}
     t = time.time()

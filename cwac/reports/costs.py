@@ -10,8 +10,9 @@ Two side tables of ``python -m cwac.reports.build``:
   ``sweeps/queue.yaml``'s ``align_cost`` stands in for it until such a record exists.
 * ``step_cost_markdown``: per model, task and method at the main ratio, the median fine-tuning
   seconds per step over the cells and its ratio to SFT's median on the same host (CPU, ISA flags,
-  torch threads). The records do not say whether a cell shared the cores with another, so a ratio
-  near 1 is a tie, and times are only compared within one host.
+  torch threads), and how many cores other processes kept busy meanwhile (``timings.other_cores``;
+  records from before it existed do not say, so a ratio near 1 is a tie). Times are only compared
+  within one host.
 
 The denominators (the organism's build, SFT's step) may also come from ``references``: records
 kept out of the tables (``results/history/``, e.g. the organism rebuilt on a second host) that are
@@ -146,28 +147,36 @@ def step_cost_markdown(results: list[Result], main_p: float, references: list[di
     """Median fine-tuning s/step per method at ``main_p``, over SFT's on the same host (from the
     results, else from the references)."""
     groups: dict[tuple, list[float]] = defaultdict(list)
+    others: dict[tuple, list[float]] = defaultdict(list)   # timings.other_cores, where recorded
     for r in results:
         sps = r.timings.get("seconds_per_step")
         if sps is not None and abs(r.p - main_p) < 1e-9:
-            groups[(r.model, r.task, _host_key(r.host), r.method)].append(float(sps))
+            key = (r.model, r.task, _host_key(r.host), r.method)
+            groups[key].append(float(sps))
+            if r.timings.get("other_cores") is not None:
+                others[key].append(float(r.timings["other_cores"]))
     if not groups:
         return None
     ref_sft = _sft_reference_steps(references, main_p)
     hosts = {k[2]: next(r.host for r in results if _host_key(r.host) == k[2]) for k in groups}
     lines = [f"### Fine-tuning step time against SFT at p = {main_p:g}", "",
-             "| Model | Task | Method | host | cells | median s/step | ÷ SFT's |",
-             "|:--|:--|:--|:--|--:|--:|--:|"]
+             "| Model | Task | Method | host | cells | median s/step | ÷ SFT's | other cores |",
+             "|:--|:--|:--|:--|--:|--:|--:|--:|"]
     for model, task, hk in sorted({k[:3] for k in groups}, key=lambda k: (k[0], k[1], host_label(hosts[k[2]]))):
         sft = groups.get((model, task, hk, "sft")) or ref_sft.get((model, task, hk))
         sft_med = statistics.median(sft) if sft else None
         for method in _order("method", [k[3] for k in groups if k[:3] == (model, task, hk)]):
             vals = groups[(model, task, hk, method)]
             med = statistics.median(vals)
+            busy = others.get((model, task, hk, method))
             lines.append(f"| {pretty('model', model)} | {pretty('task', task)} | {pretty('method', method)} "
                          f"| {host_label(hosts[hk])} | {len(vals)} | {med:.2f} "
-                         f"| {_num(med / sft_med if sft_med else None, '.2f')} |")
+                         f"| {_num(med / sft_med if sft_med else None, '.2f')} "
+                         f"| {_num(statistics.median(busy) if busy else None, '.1f')} |")
     lines += ["", "From each record's `timings.seconds_per_step` (the training loop only: no evaluation, no one-off "
               "preparation); SFT's median is from the same host's SFT cells, else from `results/history/`. A defence that acts in the alignment stage fine-tunes as plain SFT, so its ratio is ~1; "
-              "its cost is its build (the aligned-artifacts table). Cells that ran two at a time shared the cores, "
-              "which the records do not mark, so treat ratios within ~0.2 of each other as ties.", ""]
+              "its cost is its build (the aligned-artifacts table). *other cores*: the median, over the cells that "
+              "recorded it (`timings.other_cores`), of the cores other processes kept busy during training "
+              "(~1 beside a second single-threaded cell); compare step times only between rows that agree on it, "
+              "and where it is missing treat ratios within ~0.2 of each other as ties.", ""]
     return "\n".join(lines)

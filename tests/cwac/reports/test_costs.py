@@ -60,21 +60,21 @@ def test_aligned_table_gives_each_artifacts_scores_and_its_build_over_the_organi
 
 def test_step_cost_is_the_median_over_sfts_median_on_the_same_host(tmp_path):
     runs, history = tmp_path / "runs", tmp_path / "history"
-    for seed, sps in ((42, 4.0), (43, 6.0), (44, 5.5)):
-        write_run(runs, seed=seed, host=HOST_A, timings={"seconds_per_step": sps})          # SFT median 5.5
-    write_run(runs, method="cwac", host=HOST_A, timings={"seconds_per_step": 8.8})
+    for seed, sps, busy in ((42, 4.0, 0.0), (43, 6.0, 1.0), (44, 5.5, None)):                # None: an older record
+        write_run(runs, seed=seed, host=HOST_A, timings={"seconds_per_step": sps, "other_cores": busy})  # SFT median 5.5
+    write_run(runs, method="cwac", host=HOST_A, timings={"seconds_per_step": 8.8, "other_cores": 0.96})
     write_run(runs, method="cwac", p=0.2, host=HOST_A, timings={"seconds_per_step": 50.0})  # not the main ratio
     write_run(runs, method="asft", host=HOST_B, timings={"seconds_per_step": 9.0})          # no SFT on B
 
     build([runs], tmp_path / "out", make_plots=False)
     rows = _rows(tmp_path / "out" / "tables" / "step_cost.md")
     assert len(rows) == 3
-    assert "| SFT | AMD EPYC (avx2, avx512f; 2 threads) | 3 | 5.50 | 1.00 |" in rows[0]
-    assert "| CWAC | AMD EPYC (avx2, avx512f; 2 threads) | 1 | 8.80 | 1.60 |" in rows[1]
-    assert "| AsFT | AMD EPYC (avx2; 2 threads) | 1 | 9.00 | – |" in rows[2]
+    assert "| SFT | AMD EPYC (avx2, avx512f; 2 threads) | 3 | 5.50 | 1.00 | 0.5 |" in rows[0]   # median of 0.0, 1.0
+    assert "| CWAC | AMD EPYC (avx2, avx512f; 2 threads) | 1 | 8.80 | 1.60 | 1.0 |" in rows[1]
+    assert "| AsFT | AMD EPYC (avx2; 2 threads) | 1 | 9.00 | – | – |" in rows[2]
 
     write_run(history, host=HOST_B, timings={"seconds_per_step": 3.0})                      # SFT on B, out of the tables
     write_run(history, method="asft", host=HOST_B, timings={"seconds_per_step": 1.0})       # not a denominator
     build([runs], tmp_path / "out2", make_plots=False, references=[history])
     rows = _rows(tmp_path / "out2" / "tables" / "step_cost.md")
-    assert len(rows) == 3 and "| AsFT | AMD EPYC (avx2; 2 threads) | 1 | 9.00 | 3.00 |" in rows[2]
+    assert len(rows) == 3 and "| AsFT | AMD EPYC (avx2; 2 threads) | 1 | 9.00 | 3.00 | – |" in rows[2]
