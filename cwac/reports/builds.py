@@ -3,10 +3,10 @@
 An aligned artifact's key names its recipe, not its floats. The same key built at another torch
 thread count (or on another ISA) reduces its sums in another order, and two machines then hold
 different weights under one key (docs/organism.md, "One key, two builds"). A cell's record names
-the build it started from: by the weights' sha256 (``info.alignment.meta.weights_sha256``), or,
-for records written before the digest existed, by the build's first and last training loss, which
-such builds do not share. This section lists every artifact whose cells came from more than one
-build, so a table that mixes them says so.
+the build it started from by the build's first and last training loss (``collect.build_of``), with
+the weights' sha256 (``info.alignment.meta.weights_sha256``) where the build recorded it. This
+section lists every artifact whose cells came from more than one build, so a table that mixes them
+says so.
 """
 
 from __future__ import annotations
@@ -33,17 +33,20 @@ def builds_markdown(results: list[Result], aligned: list[dict]) -> str | None:
     with each build's own scores where a ``stage=align`` record of that build is in ``aligned``."""
     cells: dict[str, dict[str, list[Result]]] = defaultdict(lambda: defaultdict(list))
     info: dict[tuple[str, str], dict] = {}
+    digests: dict[tuple[str, str], set[str]] = defaultdict(set)   # a build's weights sha256, where recorded
     for r in results:
         b = r.build
         if b:
             cells[b["artifact"]][b["id"]].append(r)
             info.setdefault((b["artifact"], b["id"]), b)
+            digests[(b["artifact"], b["id"])].update([b["weights"]] if b.get("weights") else [])
     scores: dict[tuple[str, str], dict] = {}
     for rec in aligned:
         b = build_of(rec)
         if b:
             scores.setdefault((b["artifact"], b["id"]), rec.get("metrics") or {})
             info.setdefault((b["artifact"], b["id"]), b)
+            digests[(b["artifact"], b["id"])].update([b["weights"]] if b.get("weights") else [])
     mixed = {a: by for a, by in cells.items() if len(by) > 1}
     if not mixed:
         return None
@@ -54,7 +57,8 @@ def builds_markdown(results: list[Result], aligned: list[dict]) -> str | None:
         for ident in sorted(mixed[artifact], key=lambda i: str(info[(artifact, i)].get("created"))):
             b, m = info[(artifact, ident)], scores.get((artifact, ident))
             own = "–" if m is None else f"{m.get('hs', float('nan')):.1f} / {m.get('over_refusal', float('nan')):.0f}"
-            lines.append(f"| `{artifact}` | {ident} | {host_label(b.get('host'))} | {b.get('created') or '?'} | {own} "
+            sha = "".join(f"; weights {d}" for d in sorted(digests[(artifact, ident)]))
+            lines.append(f"| `{artifact}` | {ident}{sha} | {host_label(b.get('host'))} | {b.get('created') or '?'} | {own} "
                          f"| {_seeds(mixed[artifact][ident])} |")
     lines += ["", "One artifact key, two sets of floats: the builds ran the same recipe at another torch thread "
               "count or ISA, so their sums were reduced in another order. A table that averages such cells mixes "

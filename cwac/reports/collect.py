@@ -83,19 +83,27 @@ def stage_of(record: dict) -> str:
 
 
 def build_of(record: dict) -> dict | None:
-    """``{"artifact", "id", "host", "created"}`` of the aligned build a record started from (or
-    built, for a ``stage=align`` record); None for a record without our alignment stage."""
+    """``{"artifact", "id", "weights", "host", "created"}`` of the aligned build a record started
+    from (or built, for a ``stage=align`` record); None for a record without our alignment stage.
+
+    A build is named by its first and last training loss, which every build's meta holds: builds of
+    other floats have never shared them (they part in the 7th digit), and the same recipe built on the
+    same ISA at the same thread count has repeated them exactly, weights and all (docs/organism.md,
+    "One key, two builds"). ``weights``, the first 12 hex digits of the weights' sha256, is there for
+    builds made since the digest existed; naming by it alone would split one build in two."""
     art = (record.get("info") or {}).get("alignment") or {}
     meta = art.get("meta") or {}
     if not art.get("hash"):
         return None
-    if meta.get("weights_sha256"):
-        ident = f"weights {meta['weights_sha256'][:12]}"
-    elif meta.get("loss_first") is not None and meta.get("loss_last") is not None:
+    weights = meta["weights_sha256"][:12] if meta.get("weights_sha256") else None
+    if meta.get("loss_first") is not None and meta.get("loss_last") is not None:
         ident = f"losses {meta['loss_first']:.7f} / {meta['loss_last']:.7f}"
+    elif weights:
+        ident = f"weights {weights}"
     else:
         ident = f"built {art.get('created', '?')}"
-    return {"artifact": str(art["hash"]), "id": ident, "host": art.get("host"), "created": art.get("created")}
+    return {"artifact": str(art["hash"]), "id": ident, "weights": weights, "host": art.get("host"),
+            "created": art.get("created")}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

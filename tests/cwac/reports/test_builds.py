@@ -22,12 +22,29 @@ def _started_from(run_dir: Path, artifact: str, host: dict, **meta) -> Path:
     return run_dir
 
 
-def test_a_build_is_named_by_its_weights_else_by_its_losses():
+def test_a_build_is_named_by_its_losses_with_its_weights_digest_beside():
     rec = {"info": {"alignment": {"hash": "vac000000000", "meta": {"loss_first": 5.1104107, "loss_last": 1.6398716}}}}
-    assert build_of(rec)["id"] == "losses 5.1104107 / 1.6398716"
+    assert build_of(rec)["id"] == "losses 5.1104107 / 1.6398716" and build_of(rec)["weights"] is None
     rec["info"]["alignment"]["meta"]["weights_sha256"] = "ab" * 32
-    assert build_of(rec) == {"artifact": "vac000000000", "id": "weights " + "ab" * 6, "host": None, "created": None}
+    assert build_of(rec) == {"artifact": "vac000000000", "id": "losses 5.1104107 / 1.6398716", "weights": "ab" * 6,
+                             "host": None, "created": None}
+    del rec["info"]["alignment"]["meta"]["loss_first"]
+    assert build_of(rec)["id"] == "weights " + "ab" * 6
     assert build_of({"info": {}}) is None
+
+
+def test_the_same_build_made_twice_one_with_a_digest_one_without_is_one_build(tmp_path):
+    """The organism built twice at two threads on the AVX2 host repeated its losses exactly; the
+    second build also recorded its weights' digest. Its cells and the first build's are one build."""
+    runs = tmp_path / "runs"
+    _started_from(write_run(runs, seed=42), "org000000000", HOST_A, loss_first=3.1750410, loss_last=0.9236852)
+    _started_from(write_run(runs, seed=43), "org000000000", ONE_THREAD, loss_first=3.1750331, loss_last=0.9236994)
+    _started_from(write_run(runs, seed=44), "org000000000", ONE_THREAD, loss_first=3.1750331, loss_last=0.9236994,
+                  weights_sha256="f4" * 32)
+    build([runs], tmp_path / "out", make_plots=False)
+    rows = [ln for ln in (tmp_path / "out" / "tables" / "builds.md").read_text().splitlines() if ln.startswith("| `")]
+    assert len(rows) == 2
+    assert "losses 3.1750331 / 0.9236994; weights " + "f4" * 6 in rows[1] and "SFT: s43, s44 |" in rows[1]
 
 
 def test_cells_of_one_key_from_two_builds_are_listed_with_each_builds_own_scores(tmp_path):
