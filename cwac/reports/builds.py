@@ -34,31 +34,37 @@ def builds_markdown(results: list[Result], aligned: list[dict]) -> str | None:
     cells: dict[str, dict[str, list[Result]]] = defaultdict(lambda: defaultdict(list))
     info: dict[tuple[str, str], dict] = {}
     digests: dict[tuple[str, str], set[str]] = defaultdict(set)   # a build's weights sha256, where recorded
+    made: dict[tuple[str, str], set[str]] = defaultdict(set)      # when each fresh machine made that build
+
+    def note(b: dict) -> None:
+        info.setdefault((b["artifact"], b["id"]), b)
+        digests[(b["artifact"], b["id"])].update([b["weights"]] if b.get("weights") else [])
+        made[(b["artifact"], b["id"])].update([b["created"]] if b.get("created") else [])
+
     for r in results:
-        b = r.build
-        if b:
-            cells[b["artifact"]][b["id"]].append(r)
-            info.setdefault((b["artifact"], b["id"]), b)
-            digests[(b["artifact"], b["id"])].update([b["weights"]] if b.get("weights") else [])
+        if r.build:
+            cells[r.build["artifact"]][r.build["id"]].append(r)
+            note(r.build)
     scores: dict[tuple[str, str], dict] = {}
     for rec in aligned:
         b = build_of(rec)
         if b:
             scores.setdefault((b["artifact"], b["id"]), rec.get("metrics") or {})
-            info.setdefault((b["artifact"], b["id"]), b)
-            digests[(b["artifact"], b["id"])].update([b["weights"]] if b.get("weights") else [])
+            note(b)
     mixed = {a: by for a, by in cells.items() if len(by) > 1}
     if not mixed:
         return None
     lines = ["### Aligned artifacts whose cells came from more than one build", "",
-             "| artifact | build | built on | built | its HS / over-refusal | cells that started from it |",
+             "| artifact | build | built on | first built | its HS / over-refusal | cells that started from it |",
              "|:--|:--|:--|:--|:--|:--|"]
     for artifact in sorted(mixed):
-        for ident in sorted(mixed[artifact], key=lambda i: str(info[(artifact, i)].get("created"))):
+        for ident in sorted(mixed[artifact], key=lambda i: min(made[(artifact, i)], default="?")):
             b, m = info[(artifact, ident)], scores.get((artifact, ident))
+            times = sorted(made[(artifact, ident)])
+            built = (times[0] if times else "?") + (f" (made {len(times)} times)" if len(times) > 1 else "")
             own = "–" if m is None else f"{m.get('hs', float('nan')):.1f} / {m.get('over_refusal', float('nan')):.0f}"
             sha = "".join(f"; weights {d}" for d in sorted(digests[(artifact, ident)]))
-            lines.append(f"| `{artifact}` | {ident}{sha} | {host_label(b.get('host'))} | {b.get('created') or '?'} | {own} "
+            lines.append(f"| `{artifact}` | {ident}{sha} | {host_label(b.get('host'))} | {built} | {own} "
                          f"| {_seeds(mixed[artifact][ident])} |")
     lines += ["", "One artifact key, two sets of floats: the builds ran the same recipe at another torch thread "
               "count or ISA, so their sums were reduced in another order. A table that averages such cells mixes "

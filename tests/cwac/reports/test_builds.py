@@ -81,3 +81,20 @@ def test_no_section_when_every_key_has_one_build(tmp_path):
         _started_from(write_run(runs, seed=seed), "org000000000", HOST_A, loss_first=3.0, loss_last=0.9)
     out = build([runs], tmp_path / "out", make_plots=False)
     assert "builds" not in out["costs"] and not (tmp_path / "out" / "tables" / "builds.md").exists()
+
+
+def test_a_build_made_again_on_a_fresh_machine_shows_its_first_date_and_how_often_it_was_made(tmp_path):
+    """A fresh machine rebuilds the artifact; at the same ISA and thread count it repeats the losses,
+    so its cells join the first build's row, which keeps the first build's date."""
+    runs = tmp_path / "runs"
+    _started_from(write_run(runs, seed=42), "org000000000", HOST_A, loss_first=3.0, loss_last=0.9,
+                  created="2026-01-05T00:00:00")
+    _started_from(write_run(runs, seed=43), "org000000000", HOST_A, loss_first=3.0, loss_last=0.9,
+                  created="2026-01-01T00:00:00")
+    _started_from(write_run(runs, seed=44), "org000000000", ONE_THREAD, loss_first=3.1, loss_last=0.8,
+                  created="2026-01-03T00:00:00")
+    build([runs], tmp_path / "out", make_plots=False)
+    rows = [ln for ln in (tmp_path / "out" / "tables" / "builds.md").read_text().splitlines() if ln.startswith("| `")]
+    assert len(rows) == 2
+    assert "| 2026-01-01T00:00:00 (made 2 times) |" in rows[0] and "SFT: s42, s43 |" in rows[0]
+    assert "| 2026-01-03T00:00:00 |" in rows[1] and "SFT: s44 |" in rows[1]
