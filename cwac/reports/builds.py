@@ -69,6 +69,8 @@ def builds_markdown(results: list[Result], aligned: list[dict]) -> str | None:
     lines += ["", "One artifact key, two sets of floats: the builds ran the same recipe at another torch thread "
               "count or ISA, so their sums were reduced in another order. A table that averages such cells mixes "
               "builds as well as seeds; docs/organism.md (\"One key, two builds\") measures how far apart the "
-              "builds are. A build's own scores come from its `stage=align` record (in `results/records/` or "
+              "builds are. A fresh machine at the same ISA and thread count repeats a build exactly, so its cells "
+              "join that build's row: \"first built\" is the earliest of the build's dates, and \"made N times\" "
+              "counts them. A build's own scores come from its `stage=align` record (in `results/records/` or "
               "`results/history/`).", ""]
     return "\n".join(lines)
