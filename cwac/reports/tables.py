@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from cwac.reports.collect import Result
+from cwac.reports.samples import fa_rows
 
 TASK_ORDER = ("sst2", "agnews", "gsm8k")
 TASK_NAMES = {"sst2": "SST-2", "agnews": "AG News", "gsm8k": "GSM8K", "pubmedqa": "PubMedQA",
@@ -221,6 +222,12 @@ def generalisation_table(results: list[Result], name: str, title: str, caption: 
                "no AlpacaEval record: the win rate needs a judge model (eval.alpaca_eval.judge), and none is "
                "available offline")
         caption = f"{caption} AE is absent: {why}."
+    labels = label_shares([r for r in rs if r.task == "pubmedqa"])
+    if labels:
+        shown = ", ".join(f"{k} {v:.1f}%" for k, v in labels.items())
+        top, share = next(iter(labels.items()))
+        caption = (f"{caption} PubMedQA's FA rows are labelled {shown} (pooled over the records' samples): "
+                   f"answering \"{top}\" to every row scores {share:.1f}.")
     table = Table(name, title, caption, ["Model", "Method"], cols)
     by: dict[tuple[str, str, str], list[Result]] = defaultdict(list)
     for r in rs:
@@ -233,6 +240,17 @@ def generalisation_table(results: list[Result], name: str, title: str, caption: 
             table.rows.append(Row([pretty("model", model) if j == 0 else "", pretty("method", method)], model, cells,
                                   _seeds_text([len(pq), len(al)])))
     return table
+
+
+def label_shares(results: list[Result]) -> dict[str, float]:
+    """{label: share (%)} of the FA rows' reference labels, pooled over the records' FA samples and
+    most common first: the first share is what a constant answer of that label scores (the floor a
+    classifier's FA has to clear). Empty when no record kept its FA samples."""
+    counts: Counter[str] = Counter()
+    for r in results:
+        counts.update(str(row.get("label")) for row in fa_rows(r.run_dir, r.task) or [])
+    n = sum(counts.values())
+    return {k: 100.0 * v / n for k, v in counts.most_common()} if n else {}
 
 
 def lr_table(results: list[Result], model: str, task: str, name: str, caption: str) -> Table | None:

@@ -48,7 +48,11 @@ def test_generalisation_table_and_the_reason_ae_is_absent(tmp_path):
     for m, k in (("sft", 60), ("cwac", 8)):
         for s in (42, 43):
             make_run(runs, method=m, seed=s, flagged=rate(70))
-            make_run(runs, method=m, task="pubmedqa", seed=s, flagged=rate(k), correct=rate(55))
+            d = make_run(runs, method=m, task="pubmedqa", seed=s, flagged=rate(k), correct=rate(55))
+            fa = d / "samples" / "samples_fa_pubmedqa.jsonl"
+            rows = [json.loads(x) for x in fa.read_text().splitlines()]
+            labels = ["yes"] * 50 + ["no"] * 30 + ["maybe"] * 20       # the FA rows' reference labels
+            fa.write_text("".join(json.dumps({**row, "label": lab}) + "\n" for row, lab in zip(rows, labels)))
             d = make_run(runs, method=m, task="alpaca_eval", seed=s, flagged=rate(k))
             rec = json.loads((d / "record.json").read_text())
             rec["metrics"]["fa"] = None
@@ -61,6 +65,9 @@ def test_generalisation_table_and_the_reason_ae_is_absent(tmp_path):
     assert gen[4] == "| SmolLM2-135M | SFT | **55.0 ± 0.0** | 60.0 ± 0.0 | – | 2 |"
     assert gen[5] == "|  | CWAC | **55.0 ± 0.0** | **8.0 ± 0.0** | – | 2 |"
     assert "AE is absent: no judge model (eval.alpaca_eval.judge=null)." in gen[-1]
+    # the floor FA has to clear: the labels' shares, and what a constant majority answer scores
+    assert ("PubMedQA's FA rows are labelled yes 50.0%, no 30.0%, maybe 20.0% (pooled over the records' samples): "
+            'answering "yes" to every row scores 50.0.') in gen[-1]
     main = (tmp_path / "results" / "tables" / "main.md").read_text()
     assert "PubMedQA" not in main and "AlpacaEval" not in main
 
