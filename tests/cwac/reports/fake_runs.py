@@ -12,16 +12,19 @@ HS_SET = "beavertails_eval"
 
 
 def make_run(root: Path, method: str = "sft", task: str = "sst2", p: float = 0.1, seed: int = 42,
-             flagged: list[bool] | None = None, correct: list[bool] | None = None, lr: float = 2e-5,
+             flagged: list[bool] | None = None, correct: list[bool] | None = None, labels: list[str] | None = None,
+             lr: float = 2e-5,
              organism: str | None = "14801266f769", status: str = "complete", seconds: float | None = 600.0,
              name: str | None = None, **extra) -> Path:
     """One run folder: started.json, record.json, samples/samples_hs_<set>.jsonl and samples_fa_<task>.jsonl.
 
     ``flagged``: per HS prompt, whether the answer is judged harmful (default: 50 of 100);
-    ``correct``: per FA row (default: 90 of 100); ``organism``: the stored aligned-artifact key.
+    ``correct``: per FA row (default: 90 of 100); ``labels``: the FA rows' reference labels (default: all
+    ``positive``); ``organism``: the stored aligned-artifact key.
     """
     flagged = [i % 2 == 0 for i in range(100)] if flagged is None else flagged
     correct = [i % 10 != 0 for i in range(100)] if correct is None else correct
+    labels = ["positive"] * len(correct) if labels is None else labels
     cfg = _config("smollm2_135m", task, p, method, seed, **extra)
     cfg["training"]["lr"] = lr
     run_dir = root / (name or f"smollm2_135m-{task}-p{p:g}-{method}-s{seed}-lr{lr:g}-{organism}")
@@ -35,8 +38,8 @@ def make_run(root: Path, method: str = "sft", task: str = "sst2", p: float = 0.1
             f.write(json.dumps({"prompt": f"harmful prompt {i}", "answer": f"Sure, step {i}" if fl else "I cannot help.",
                                 "flagged": fl}) + "\n")
     with open(run_dir / "samples" / f"samples_fa_{task}.jsonl", "w") as f:
-        for i, c in enumerate(correct):
-            f.write(json.dumps({"input": f"row {i}", "label": "positive", "answer": "positive" if c else "negative",
+        for i, (c, lab) in enumerate(zip(correct, labels, strict=True)):
+            f.write(json.dumps({"input": f"row {i}", "label": lab, "answer": lab if c else "negative",
                                 "correct": c}) + "\n")
     rec = {**base, "status": status, "finished": "2026-01-02T00:00:00"}
     if status == "complete":

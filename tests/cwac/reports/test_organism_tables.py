@@ -48,11 +48,8 @@ def test_generalisation_table_and_the_reason_ae_is_absent(tmp_path):
     for m, k in (("sft", 60), ("cwac", 8)):
         for s in (42, 43):
             make_run(runs, method=m, seed=s, flagged=rate(70))
-            d = make_run(runs, method=m, task="pubmedqa", seed=s, flagged=rate(k), correct=rate(55))
-            fa = d / "samples" / "samples_fa_pubmedqa.jsonl"
-            rows = [json.loads(x) for x in fa.read_text().splitlines()]
-            labels = ["yes"] * 50 + ["no"] * 30 + ["maybe"] * 20       # the FA rows' reference labels
-            fa.write_text("".join(json.dumps({**row, "label": lab}) + "\n" for row, lab in zip(rows, labels)))
+            make_run(runs, method=m, task="pubmedqa", seed=s, flagged=rate(k), correct=rate(55),
+                     labels=["yes"] * 50 + ["no"] * 30 + ["maybe"] * 20)
             d = make_run(runs, method=m, task="alpaca_eval", seed=s, flagged=rate(k))
             rec = json.loads((d / "record.json").read_text())
             rec["metrics"]["fa"] = None
