@@ -260,7 +260,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"cwac_overhead_{args.model}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({n: c["overhead_vs_sft_pct"] for n, c in result["configs"].items()}), "\nwrote", path)
+    print(json.dumps({n: c["overhead_vs_sft_pct"] for n, c in result["configs"].items()}),
+          json.dumps(result["align_defence_vs_align"]) if result["align_defence_vs_align"] else "", "\nwrote", path)
 
 
 if __name__ == "__main__":
