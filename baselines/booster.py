@@ -15,6 +15,7 @@ harmful (prompt, harmful answer) pairs. Per micro-batch, inside ``compute_loss``
      ``sum(c * w) - sum(c * w).detach()`` with c = g - g' constant), so the optimizer steps with
      ``grad f + lam * (grad h(w) - grad h(w'))``, the reference's summed gradient. The Jacobian of
      the inner step is ignored, as in the reference.
+
 Cost on the organism: 15.9 s a step against the organism's alignment step of 2.8 s, 5.6x (two
 passes on 10 harmful rows beside one on 8 alignment rows; benchmarks/cwac_overhead.py
 ``align_booster``, results/benchmarks/align_defences).

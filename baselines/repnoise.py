@@ -21,6 +21,7 @@ a harmful row and its paired refusal differ, which for a shared prompt is the an
 Passes: two forwards (the harmful one with every hidden state and the MLP outputs) and one backward.
 The logit-lens terms are recomputed in the backward (activation checkpointing), which saves the
 (rows x tokens x vocabulary) logits of every layer and changes no value.
+
 Cost: the logit lens applies the LM head to all L + 1 hidden states, forward, recomputed and
 backward, so a step costs ~4 (L + 1) LM-head products on top of two forwards and a backward. On the
 organism (30 layers, vocabulary 49152) the head dominates: 24.9 s a step against the organism's
