@@ -16,6 +16,10 @@ harmful (prompt, harmful answer) pairs. Per micro-batch, inside ``compute_loss``
      ``grad f + lam * (grad h(w) - grad h(w'))``, the reference's summed gradient. The Jacobian of
      the inner step is ignored, as in the reference.
 
+Cost on the organism: 15.9 s a step against the organism's alignment step of 2.8 s, 5.6x (two
+passes on 10 harmful rows beside one on 8 alignment rows; benchmarks/cwac_overhead.py
+``align_booster``, results/benchmarks/align_defences).
+
 Departures from the reference:
   * gradient accumulation keeps every micro-batch (the reference zeroes ``.grad`` between its passes,
     which drops all but the last micro-batch); each micro-batch draws its own harmful batch;

@@ -22,6 +22,12 @@ Passes: two forwards (the harmful one with every hidden state and the MLP output
 The logit-lens terms are recomputed in the backward (activation checkpointing), which saves the
 (rows x tokens x vocabulary) logits of every layer and changes no value.
 
+Cost: the logit lens applies the LM head to all L + 1 hidden states, forward, recomputed and
+backward, so a step costs ~4 (L + 1) LM-head products on top of two forwards and a backward. On the
+organism (30 layers, vocabulary 49152) the head dominates: 24.9 s a step against the organism's
+alignment step of 2.8 s, 8.8x (benchmarks/cwac_overhead.py ``align_repnoise``,
+results/benchmarks/align_defences).
+
 Departures from the reference:
   * the retain term is the project's response loss on the alignment batch, not the masked CE on a
     paired refusal batch (the original) nor on the whole alignment sequence (the Booster port, whose

@@ -25,6 +25,9 @@ alignment stage). Writes ``results/benchmarks/cwac_overhead_<model>.json``.
 
     python benchmarks/cwac_overhead.py --model smollm2_135m --threads 2 --steps 12 --repeats 2 \
         --configs sft,sft_padded,cwac,cwac_padded,cwac_nodiag,cwac_weight_only,cwac_act_only,align,align_padded
+    python benchmarks/cwac_overhead.py --model smollm2_135m --threads 2 --steps 4 --warmup 1 --repeats 1 \
+        --configs align,align_vaccine,align_tvaccine,align_booster,align_repnoise \
+        --out results/benchmarks/align_defences   # an alignment-stage defence's build, a step against ours
 
 Every configuration runs with the config's ``host_allocator`` (``retain`` by default; the
 ``_glibc`` configurations switch back to glibc's malloc start values within the process). To
@@ -63,6 +66,12 @@ CONFIGS = {
     # the alignment stage's step (its rows and training node), packed and padded
     "align": ("sft", []),
     "align_padded": ("sft", ["training.packing=false"]),
+    # the alignment stage's step with an alignment-stage defence as its method (what its own aligned
+    # artifact costs a step, against "align"); "sft" here names the fine-tuning method, unused
+    "align_vaccine": ("sft", ["method@alignment.method=vaccine"]),
+    "align_tvaccine": ("sft", ["method@alignment.method=tvaccine"]),
+    "align_booster": ("sft", ["method@alignment.method=booster"]),
+    "align_repnoise": ("sft", ["method@alignment.method=repnoise"]),
     # the training step before 2026-11-29 (A/B of the loop's own speed-ups, on SFT)
     "sft_loop_adamw": ("sft", ["training.fused_adamw=false"]),
     "sft_full_head": ("sft", []),
@@ -80,7 +89,7 @@ CONFIGS = {
     "cwac_weight_only_input": ("cwac_weight_only", ["method.weight.project_at=input"]),
 }
 DEFAULT_CONFIGS = "sft,sft_padded,cwac,cwac_padded,cwac_nodiag,cwac_weight_only,cwac_act_only"
-ALIGN_CONFIGS = ("align", "align_padded")
+ALIGN_CONFIGS = ("align", "align_padded", "align_vaccine", "align_tvaccine", "align_booster", "align_repnoise")
 
 
 def _full_head_loss(self, model, batch):
@@ -131,9 +140,10 @@ def time_config(name: str, method_name: str, extra: list[str], args, model_path:
         if "rows" not in rows_cache:
             rows_cache["rows"] = build_finetune_mix(cfg.task.name, cfg.harmful.n_total, cfg.harmful.ratio, cfg.seed)
         rows = rows_cache["rows"]
-    ctx = TrainContext.from_config(cfg, tokenizer=tok, formatter=fmt, store=bench_store, run_dir=Path(args.tmp),
-                                      start_model_path=model_path)
-    method = get_method(cfg.method.name)(cfg.method, ctx)
+    stage, node = ("align", cfg.alignment.method) if name in ALIGN_CONFIGS else ("finetune", cfg.method)
+    ctx = TrainContext.from_config(cfg, stage=stage, tokenizer=tok, formatter=fmt, store=bench_store,
+                                   run_dir=Path(args.tmp), start_model_path=model_path)
+    method = get_method(node.name)(node, ctx)
     if name in TASK_LOSS:
         method.task_loss = types.MethodType(TASK_LOSS[name], method)
     marks: list[float] = []
@@ -150,7 +160,7 @@ def time_config(name: str, method_name: str, extra: list[str], args, model_path:
     prepare_s = res.prepare_seconds
     per_step = [b - a for a, b in zip(marks, marks[1:])][max(0, args.warmup - 1):]
     info = method.record_info() if hasattr(method, "info") else {}
-    return per_step, prepare_s, info
+    return per_step, prepare_s, info, f"{stage}:{node.name}"
 
 
 def main() -> None:
@@ -194,10 +204,11 @@ def main() -> None:
         times: dict[str, list[float]] = {n: [] for n in names}
         first_prepare: dict[str, float] = {}
         infos: dict[str, dict] = {}
+        ran: dict[str, str] = {}   # config -> "<stage>:<method>" that trained
         for r in range(args.repeats):
             for n in names:
                 method_name, extra = CONFIGS[n]
-                per_step, prep, info = time_config(n, method_name, extra, args, model_path, bench_store, rows)
+                per_step, prep, info, ran[n] = time_config(n, method_name, extra, args, model_path, bench_store, rows)
                 times[n] += per_step
                 if r == 0:
                     first_prepare[n] = round(prep, 2)
@@ -213,7 +224,8 @@ def main() -> None:
               "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv)}
     for n in names:
         med = statistics.median(times[n])
-        result["configs"][n] = {"method": CONFIGS[n][0], "overrides": CONFIGS[n][1], "median_step_s": round(med, 5),
+        result["configs"][n] = {"method": CONFIGS[n][0], "overrides": CONFIGS[n][1], "ran": ran[n],
+                                "median_step_s": round(med, 5),
                                 "mean_step_s": round(statistics.mean(times[n]), 5), "n_steps": len(times[n]),
                                 "ratio_vs_sft": round(med / sft, 3) if sft else None,
                                 "overhead_vs_sft_pct": round(100 * (med / sft - 1), 1) if sft else None}
@@ -227,6 +239,8 @@ def main() -> None:
         "diagnostics": share("cwac", "cwac_nodiag"), "cwac_total": share("cwac", "sft")}
     result["host_allocator_retain_vs_glibc"] = {a: round(med[a] / med[b], 3) for a, b in
                                                 (("sft", "sft_glibc"), ("cwac", "cwac_glibc")) if a in med and b in med}
+    result["align_defence_vs_align"] = {n: round(med[n] / med["align"], 3) for n in names     # its build's cost a step
+                                        if n in ALIGN_CONFIGS and n not in ("align", "align_padded") and "align" in med}
     result["packed_vs_padded"] = {a: round(med[a] / med[b], 3) for a, b in
                                   (("sft", "sft_padded"), ("cwac", "cwac_padded"), ("align", "align_padded"))
                                   if a in med and b in med}
@@ -246,7 +260,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"cwac_overhead_{args.model}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({n: c["overhead_vs_sft_pct"] for n, c in result["configs"].items()}), "\nwrote", path)
+    print(json.dumps({n: c["overhead_vs_sft_pct"] for n, c in result["configs"].items()}),
+          json.dumps(result["align_defence_vs_align"]) if result["align_defence_vs_align"] else "", "\nwrote", path)
 
 
 if __name__ == "__main__":
