@@ -84,6 +84,7 @@ class BoosterConfig:
 
 
 class Booster(AlignmentStageMethod):
+    step_state = ("harmful",)   # the harmful batch stream (cursor and RNG) (cwac.resume)
     name = "booster"
     schema = BoosterConfig
     zero3_reason = "it perturbs and restores whole parameters in place between its passes"

@@ -101,6 +101,7 @@ def mmd(x: torch.Tensor, y: torch.Tensor, kernel_mul: float = 2.0, kernel_num: i
 
 
 class RepNoise(AlignmentStageMethod):
+    step_state = ("harmful", "gen")   # the harmful batch stream and the noise generator (cwac.resume)
     name = "repnoise"
     schema = RepNoiseConfig
     zero3_reason = ("it has not been tested there (its logit lens calls the LM head and the final norm "

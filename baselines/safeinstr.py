@@ -22,6 +22,7 @@ from cwac.schema import ConfigError
 
 
 class SafeInstr(Method):
+    step_state = ()   # it only adds rows before training (cwac.resume)
     stages = ("finetune",)
 
     @classmethod

@@ -9,3 +9,5 @@ from cwac.api import Method
 
 class SFT(Method):
     """The undefended reference."""
+
+    step_state = ()   # nothing carries between steps (cwac.resume)

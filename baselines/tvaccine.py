@@ -78,6 +78,8 @@ class TVaccineConfig:
 
 
 class TVaccine(AlignmentStageMethod):
+    #: the harmful batch stream, the layer sampler, its latest estimate and draw (cwac.resume)
+    step_state = ("harmful", "rng", "probs", "active", "_step", "importance_log", "selection_log")
     name = "tvaccine"
     schema = TVaccineConfig
     zero3_reason = ("it has not been tested there (its pass 1 and importance pass run autograd on the bare "

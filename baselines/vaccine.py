@@ -32,6 +32,7 @@ from cwac.schema import ConfigError
 
 
 class Vaccine(Method):
+    step_state = ()   # each step perturbs from its own gradients; nothing carries over (cwac.resume)
     stages = ("align", "finetune")
 
     @classmethod

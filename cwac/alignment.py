@@ -87,15 +87,17 @@ def alignment_training(cfg: DictConfig) -> DictConfig:
 def alignment_key(cfg: DictConfig, base_path_key: dict) -> dict:
     """Everything that changes the aligned weights: base model, recipe, the merged training node
     (weight decay, schedule, precision, ... as well as the recipe's own values), dtype and chat format.
-    Logging knobs are left out, and so are LoRA's settings while the stage trains without LoRA, so that a
+    Logging and checkpointing knobs are left out (here and in ``alignment.training``), and so are LoRA's settings while the stage trains without LoRA, so that a
     ``training=lora`` fine-tuning cell reuses the fully fine-tuned organism."""
     tc = OmegaConf.to_container(alignment_training(cfg), resolve=True)
-    for k in ("progress", "log_every"):
+    for k in ("progress", "log_every", "checkpoint_minutes"):
         tc.pop(k, None)
     if not tc["lora"]["enabled"]:
         tc["lora"] = {"enabled": False}
     if not tc.get("packing"):   # padded batches, as every organism up to v5 trained: their keys stand
         tc.pop("packing", None)
-    return {"base": base_path_key, "alignment": OmegaConf.to_container(cfg.alignment, resolve=True),
-            "training": tc, "dtype": cfg.model.dtype, "prompt_format": cfg.model.prompt_format,
+    recipe = OmegaConf.to_container(cfg.alignment, resolve=True)
+    for k in ("progress", "log_every", "checkpoint_minutes"):
+        (recipe.get("training") or {}).pop(k, None)
+    return {"base": base_path_key, "alignment": recipe, "training": tc, "dtype": cfg.model.dtype, "prompt_format": cfg.model.prompt_format,
             "system_prompt": cfg.model.system_prompt}

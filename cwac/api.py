@@ -108,6 +108,11 @@ class Method:
     stages: tuple[str, ...] = ("finetune", "align")
     #: a typed schema of the method's config node (``cwac.schema``), checked before any model loads
     schema: type | None = None
+    #: the attributes that carry from one optimizer step to the next (batch cursors, RNG streams:
+    #: ``random.Random``, NumPy or torch generators), saved in the loop's checkpoints and restored on
+    #: resume (``cwac.resume``). Declared on each class itself, not inherited: a class that declares
+    #: nothing trains without checkpoints. ``()``: the method keeps no such state.
+    step_state: tuple[str, ...] | None = ()
 
     def __init__(self, cfg: DictConfig, ctx: TrainContext):
         self.cfg = cfg

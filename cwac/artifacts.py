@@ -33,6 +33,13 @@ class ArtifactStore:
     def path_for(self, kind: str, key: dict[str, Any]) -> Path:
         return self.root / kind / stable_hash(key)
 
+    def resume_dir(self, kind: str, key: dict[str, Any]) -> Path:
+        """Where the build of (kind, key) keeps its training checkpoints until it completes
+        (``cwac.resume``): beside the artifact, outside its temporary build folder, so that a
+        killed build's successor finds them."""
+        final = self.path_for(kind, key)
+        return final.parent / f".{final.name}.resume"
+
     def exists(self, kind: str, key: dict[str, Any]) -> bool:
         return (self.path_for(kind, key) / META).exists()
 

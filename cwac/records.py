@@ -48,7 +48,9 @@ def config_hash(cfg: DictConfig) -> str:
     for k in NON_SEMANTIC:
         c.pop(k, None)
     c.get("eval", {}).pop("progress", None)
-    c.get("training", {}).pop("progress", None)
+    for node in (c.get("training", {}), c.get("alignment", {}).get("training") or {}):
+        for k in ("progress", "checkpoint_minutes"):   # how a run is watched and saved, not what it computes
+            node.pop(k, None)
     for dotted, v in HASH_NEUTRAL.items():
         *path, k = dotted.split(".")
         node = c

@@ -52,6 +52,7 @@ class TrainingConfig:
     max_steps: Optional[int] = MISSING
     log_every: int = MISSING
     progress: bool = MISSING
+    checkpoint_minutes: float = MISSING
     lora: LoraConfig = field(default_factory=LoraConfig)
     deepspeed_extra: Optional[Any] = None   # optional: deep-merged into DeepSpeed's config (offload)
 

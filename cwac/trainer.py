@@ -24,7 +24,7 @@ from cwac.data.prompts import collate, pad_id
 from cwac.api import Method
 from cwac.data.examples import Example
 from cwac.data.prompts import PromptFormatter
-from cwac.utils import cpu_clock, other_cores
+from cwac.utils import cpu_clock, other_cores, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # one row per optimizer step
     packing: dict = field(default_factory=dict)         # requested / used / why not (``packing_plan``)
     other_cores: float | None = None   # cores other processes kept busy meanwhile (``utils.other_cores``)
+    resumed_from: int | None = None    # the checkpoint's step this run went on from (``cwac.resume``), None: from 0
 
 
 def packing_plan(tc: DictConfig, method: Method) -> dict:
@@ -229,9 +230,14 @@ def unpartition_zero3(engine) -> None:
 
 
 def train(model: torch.nn.Module, features: list[dict], method: Method, tc: DictConfig, tokenizer,
-          seed: int, logger=None, desc: str = "train") -> TrainResult:
-    """Train ``model`` in place on tokenised ``features`` with ``method``'s hooks."""
+          seed: int, logger=None, desc: str = "train", resume_dir=None) -> TrainResult:
+    """Train ``model`` in place on tokenised ``features`` with ``method``'s hooks.
+
+    With ``resume_dir`` and ``training.checkpoint_minutes`` > 0 the loop checkpoints itself there
+    and a later call with the same folder goes on from the newest checkpoint (``cwac.resume``)."""
     import deepspeed
+
+    from cwac.resume import Checkpointer
 
     rank, world = init_distributed()
     model.train()
@@ -245,6 +251,10 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(tc))
     handles = [p.register_hook(fn) for p, fn in method.grad_hooks(engine.module).items()]
+    ckpt = Checkpointer(resume_dir, tc.get("checkpoint_minutes") or 0, method, rank=rank, world=world,
+                        fingerprint={"steps": steps, "rows": stable_hash(features), "seed": seed, "desc": desc,
+                                     "training": {k: v for k, v in OmegaConf.to_container(tc, resolve=True).items()
+                                                  if k not in ("progress", "log_every", "checkpoint_minutes")}})
 
     device = engine.device if engine.device is not None else next(engine.module.parameters()).device
     order = batch_order(len(features), tc.epochs, seed)
@@ -253,10 +263,16 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
     plan = packing_plan(tc, method)
     history: list[dict] = []
     t0, clock0 = time.time(), cpu_clock()
-    pos = 0
+    pos, start, prior_seconds = 0, 0, 0.0
+    loop = ckpt.load(engine)
+    if loop is not None:   # go on where the checkpoint left off; its rows go to the logger again
+        start, pos, history, prior_seconds = loop["step"], loop["pos"], loop["history"], loop["seconds"]
+        for row in history if logger is not None else ():
+            logger.log({f"{desc}/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
     # DeepSpeed's ZeRO-0 fp32 path clips without keeping the norm; compute it ourselves there.
     own_norm, gn_own = int(tc.zero_stage) == 0, None
-    bar = tqdm(range(steps), desc=desc, disable=not is_main_process() or not tc.progress, dynamic_ncols=True)
+    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps,
+               disable=not is_main_process() or not tc.progress, dynamic_ncols=True)
     try:
         for step in bar:
             sums: dict[str, float] = {}
@@ -295,15 +311,18 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
             if logger is not None and ((step + 1) % tc.log_every == 0 or step + 1 == steps or not finite):
                 logger.log({f"{desc}/{k}": v for k, v in sums.items() if k != "step"}, step=step + 1)
             check_finite_grad_norm(sums.get("grad_norm", 0.0), step + 1, fp16=tc.precision == "fp16")
+            ckpt.maybe_save(engine, {"step": step + 1, "pos": pos, "history": history,
+                                     "seconds": prior_seconds + time.time() - t0})
     finally:
         for h in handles:
             h.remove()
     if int(tc.zero_stage) >= 3:
         unpartition_zero3(engine)
     check_finite_weights(model, steps)   # once: a NaN update never becomes a complete record
+    ckpt.finish()
     model.eval()
-    return TrainResult(steps=steps, seconds=time.time() - t0, history=history, packing=plan,
-                       other_cores=other_cores(clock0, cpu_clock()))
+    return TrainResult(steps=steps, seconds=prior_seconds + time.time() - t0, history=history, packing=plan,
+                       other_cores=other_cores(clock0, cpu_clock()), resumed_from=start if loop is not None else None)
 
 
 @dataclass
@@ -315,12 +334,12 @@ class FitResult:
 
 
 def fit(method: Method, model: torch.nn.Module, rows: list[Example], tc: DictConfig, *, tokenizer,
-        formatter: PromptFormatter, seed: int, logger=None, desc: str = "train") -> FitResult:
+        formatter: PromptFormatter, seed: int, logger=None, desc: str = "train", resume_dir=None) -> FitResult:
     """Run ``method`` over its whole lifecycle on ``rows`` with the training node ``tc``:
     prepare -> build_train_data -> configure_model -> train -> post_train.
 
     The fine-tuning cell, the alignment stage and the benchmarks all call this, so a hook runs
-    at the same point everywhere.
+    at the same point everywhere. ``resume_dir``: where the loop checkpoints itself (``train``).
     """
     t = time.time()
     method.prepare(model)
@@ -328,6 +347,6 @@ def fit(method: Method, model: torch.nn.Module, rows: list[Example], tc: DictCon
     rows = method.build_train_data(rows)
     feats = [formatter.train_features(e, tc.max_len) for e in rows]
     model = method.configure_model(model)
-    res = train(model, feats, method, tc, tokenizer, seed, logger=logger, desc=desc)
+    res = train(model, feats, method, tc, tokenizer, seed, logger=logger, desc=desc, resume_dir=resume_dir)
     model = method.post_train(model)
     return FitResult(model=model, rows=rows, train=res, prepare_seconds=prepare_seconds)

@@ -47,12 +47,15 @@ def start_model(cfg: DictConfig, store: ArtifactStore, build: bool = True) -> tu
                                "would hang (rank 0 trains it and waits for ranks that wait on its lock); build it "
                                "once in one process with the same model and alignment overrides: "
                                "python run.py stage=align ...")
-    aligned = store.get_or_build("aligned", key, lambda out: build_aligned(cfg, store, path, out))
+    aligned = store.get_or_build("aligned", key, lambda out: build_aligned(cfg, store, path, out,
+                                                                           store.resume_dir("aligned", key)))
     return str(aligned), path
 
 
-def build_aligned(cfg: DictConfig, store: ArtifactStore, base_path: str, out: Path) -> dict:
-    """Train the alignment recipe on ``base_path`` and save the aligned model into ``out``."""
+def build_aligned(cfg: DictConfig, store: ArtifactStore, base_path: str, out: Path, resume_dir: Path | None = None) -> dict:
+    """Train the alignment recipe on ``base_path`` and save the aligned model into ``out``; the loop
+    checkpoints itself in ``resume_dir`` (every ``training.checkpoint_minutes``), and a build killed
+    before it completes goes on from there the next time (``cwac.resume``)."""
     acfg = cfg.alignment
     seed_everything(acfg.seed)
     model, tok, fmt = load_chat_model(base_path, cfg.model)
@@ -67,12 +70,13 @@ def build_aligned(cfg: DictConfig, store: ArtifactStore, base_path: str, out: Pa
         raise ValueError(f"method {acfg.method.name!r} cannot run in the alignment stage")
     method = method_cls(acfg.method, ctx)
     res = fit(method, model, alignment_rows(acfg, acfg.seed), tc, tokenizer=tok, formatter=fmt, seed=acfg.seed,
-              desc="align")
+              desc="align", resume_dir=resume_dir)
     res.model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "alignment_rows.sha").write_text(stable_hash([e.to_dict() for e in res.rows]) + "\n")
     losses = [h["losses/total"] for h in res.train.history]
     return {"steps": res.train.steps, "train_seconds": round(res.train.seconds, 1), "n_rows": len(res.rows),
+            "resumed_from_step": res.train.resumed_from,
             "other_cores": res.train.other_cores,
             "packing": res.train.packing,
             "loss_first": losses[0], "loss_last": losses[-1], "weights_sha256": weights_digest(out),

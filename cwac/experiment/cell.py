@@ -290,12 +290,13 @@ def _run(cfg: DictConfig, run_dir: Path, logger, main: bool, inputs: Inputs) -> 
     rows = inputs.rows   # the mix the pre-flight built
     harmful_rows = sum(e.source != cfg.task.name for e in rows)   # before a method adds its own rows
     res = fit(method, model, rows, cfg.training, tokenizer=tok, formatter=fmt, seed=cfg.seed, logger=logger,
-              desc="finetune")
+              desc="finetune", resume_dir=run_dir / "resume")
     model, rows = res.model, res.rows
     timings["prepare_seconds"] = round(res.prepare_seconds, 1)
     timings["train_seconds"] = round(res.train.seconds, 1)
     timings["seconds_per_step"] = round(res.train.seconds / max(1, res.train.steps), 3)
     timings["other_cores"] = res.train.other_cores
+    timings["resumed_from_step"] = res.train.resumed_from
     if not main:   # rank 0 evaluates and writes the record
         return {"metrics": {}, "info": info, "timings": timings}
     t = time.time()

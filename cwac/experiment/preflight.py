@@ -170,6 +170,7 @@ def _check_sizes(cfg: DictConfig) -> None:
     _number(cfg, "training.weight_decay", 0.0)
     _number(cfg, "training.warmup_ratio", 0.0, 1.0, hi_open=True)
     _number(cfg, "training.max_grad_norm", 0.0)
+    _number(cfg, "training.checkpoint_minutes", 0.0, why=" (0: no checkpoints)")
     for key in ("epochs", "micro_batch_size", "gradient_accumulation_steps", "max_len", "log_every"):
         _int(cfg, f"training.{key}", 1)
     _int(cfg, "training.max_steps", 1, null_ok=True)

@@ -64,7 +64,7 @@ def _aligned(records: list[dict]) -> dict[tuple, dict]:
                "task": str(node(cfg, "task").get("name", "?")),
                "hs": metrics.get("hs"), "hs_by_set": metrics.get("hs_by_set") or {},
                "over_refusal": metrics.get("over_refusal"), "fa": metrics.get("fa"),
-               "build_seconds": art.get("build_seconds"), "steps": steps,
+               "build_seconds": art.get("build_seconds"), "steps": steps, "resumed": meta.get("resumed_from_step"),
                "s_per_step": train_s / steps if steps and train_s is not None else None,
                "host": art.get("host") or rec.get("host") or {}, "finished": str(rec.get("finished", "")),
                "build": (build_of(rec) or {}).get("id")}
@@ -93,6 +93,12 @@ def _num(v, fmt: str = ".1f") -> str:
     return "–" if v is None else format(v, fmt)
 
 
+def _build_s(r: dict) -> str:
+    """The build's seconds; a build that resumed from a checkpoint (``cwac.resume``) timed only its
+    last process, so it says so (its s/step counts every process's training time)."""
+    return _num(r["build_seconds"]) + ("" if r.get("resumed") is None else f" (last process; resumed at step {r['resumed']})")
+
+
 def aligned_markdown(records: list[dict], references: list[dict] = (), results: list[Result] = ()) -> str | None:
     """The aligned-artifacts table (see the module docstring); None without align records. ``results``:
     the fine-tuning cells, counted per artifact as started from this record's build or from another."""
@@ -108,7 +114,7 @@ def aligned_markdown(records: list[dict], references: list[dict] = (), results: 
         by_set = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["hs_by_set"].items())) or "–"
         fa = "–" if r["fa"] is None else f"{r['fa']:.1f} ({pretty('task', r['task'])})"
         lines.append(f"| {pretty('model', r['model'])} | {label} | {organism_name(r['organism'])} | `{r['artifact']}` "
-                     f"| {_num(r['hs'])} | {by_set} | {_num(r['over_refusal'])} | {fa} | {_num(r['build_seconds'])} "
+                     f"| {_num(r['hs'])} | {by_set} | {_num(r['over_refusal'])} | {fa} | {_build_s(r)} "
                      f"| {_num(r['steps'], 'd')} | {_num(r['s_per_step'], '.2f')} | {_num(r['vs_organism'], '.2f')} "
                      f"| {host_label(r['host'])} | {_from_build(r, results)} |")
     lines += ["", "From each `stage=align` record (`python run.py stage=align method@alignment.method=<defence>`): "
