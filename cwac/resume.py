@@ -15,7 +15,9 @@ into the folder its caller names (``resume_dir``):
 
 A later run of the same thing (the same artifact key or run folder) loads the checkpoint and
 continues; on one host at one thread count it ends on the very floats of an uninterrupted run
-(``tests/test_resume.py``). A checkpoint is used only when its fingerprint matches: the planned
+(``tests/cwac/test_resume.py``). On another ISA or thread count it continues too, but its floats are
+that mix's (docs/organism.md, "One key, two builds"), so every process appends a segment (first step,
+host, torch threads) to the loop state and the result carries them (``TrainResult.segments``). A checkpoint is used only when its fingerprint matches: the planned
 steps, the rows, the seed, the world size, the method and a digest of the project's training code
 (``code_digest``), so that no model is trained half by one version of the code and half by another.
 A mismatch is logged and the run starts over. The folder is removed once training completes.
@@ -43,15 +45,19 @@ log = logging.getLogger(__name__)
 
 LATEST = "LATEST"
 _ROOT = Path(__file__).resolve().parents[1]
-_CODE = ("cwac", "baselines")   # what trains; eval/ and the reports do not change a step
+_CODE = ("cwac", "baselines")   # what trains; eval/ does not change a step
+_NOT_TRAINING = ("cwac/reports", "cwac/plan")   # tables and the memory planner: never imported by a step
 
 
 def code_digest(root: Path = _ROOT) -> str:
-    """sha256 over the Python files of the training code (``cwac/``, ``baselines/``), in path order."""
+    """sha256 over the Python files of the training code (``cwac/`` but its reports and memory
+    planner, ``baselines/``), in path order."""
     h = hashlib.sha256()
     for pkg in _CODE:
         for f in sorted((root / pkg).rglob("*.py")):
-            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+            rel = f.relative_to(root).as_posix()
+            if not rel.startswith(_NOT_TRAINING):
+                h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 
 

@@ -24,7 +24,7 @@ from cwac.data.prompts import collate, pad_id
 from cwac.api import Method
 from cwac.data.examples import Example
 from cwac.data.prompts import PromptFormatter
-from cwac.utils import cpu_clock, other_cores, stable_hash
+from cwac.utils import cpu_clock, host_info, other_cores, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class TrainResult:
     packing: dict = field(default_factory=dict)         # requested / used / why not (``packing_plan``)
     other_cores: float | None = None   # cores other processes kept busy meanwhile (``utils.other_cores``)
     resumed_from: int | None = None    # the checkpoint's step this run went on from (``cwac.resume``), None: from 0
+    segments: list[dict] = field(default_factory=list)   # one per process that trained: first step, host, threads
 
 
 def packing_plan(tc: DictConfig, method: Method) -> dict:
@@ -263,12 +264,16 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
     plan = packing_plan(tc, method)
     history: list[dict] = []
     t0, clock0 = time.time(), cpu_clock()
-    pos, start, prior_seconds = 0, 0, 0.0
+    pos, start, prior_seconds, segments = 0, 0, 0.0, []
     loop = ckpt.load(engine)
     if loop is not None:   # go on where the checkpoint left off; its rows go to the logger again
         start, pos, history, prior_seconds = loop["step"], loop["pos"], loop["history"], loop["seconds"]
+        segments = loop["segments"]
         for row in history if logger is not None else ():
             logger.log({f"{desc}/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+    host = host_info()
+    segments = [*segments, {"from_step": start, "cpu": host["cpu"], "isa": host["isa"], "gpu": host["gpu"],
+                            "torch_threads": host["torch_threads"]}]
     # DeepSpeed's ZeRO-0 fp32 path clips without keeping the norm; compute it ourselves there.
     own_norm, gn_own = int(tc.zero_stage) == 0, None
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps,
@@ -311,7 +316,7 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
             if logger is not None and ((step + 1) % tc.log_every == 0 or step + 1 == steps or not finite):
                 logger.log({f"{desc}/{k}": v for k, v in sums.items() if k != "step"}, step=step + 1)
             check_finite_grad_norm(sums.get("grad_norm", 0.0), step + 1, fp16=tc.precision == "fp16")
-            ckpt.maybe_save(engine, {"step": step + 1, "pos": pos, "history": history,
+            ckpt.maybe_save(engine, {"step": step + 1, "pos": pos, "history": history, "segments": segments,
                                      "seconds": prior_seconds + time.time() - t0})
     finally:
         for h in handles:
@@ -322,7 +327,8 @@ def train(model: torch.nn.Module, features: list[dict], method: Method, tc: Dict
     ckpt.finish()
     model.eval()
     return TrainResult(steps=steps, seconds=prior_seconds + time.time() - t0, history=history, packing=plan,
-                       other_cores=other_cores(clock0, cpu_clock()), resumed_from=start if loop is not None else None)
+                       other_cores=other_cores(clock0, cpu_clock()), resumed_from=start if loop is not None else None,
+                       segments=segments)
 
 
 @dataclass

@@ -77,6 +77,7 @@ def build_aligned(cfg: DictConfig, store: ArtifactStore, base_path: str, out: Pa
     losses = [h["losses/total"] for h in res.train.history]
     return {"steps": res.train.steps, "train_seconds": round(res.train.seconds, 1), "n_rows": len(res.rows),
             "resumed_from_step": res.train.resumed_from,
+            "segments": res.train.segments if res.train.resumed_from is not None else None,
             "other_cores": res.train.other_cores,
             "packing": res.train.packing,
             "loss_first": losses[0], "loss_last": losses[-1], "weights_sha256": weights_digest(out),

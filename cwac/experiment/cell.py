@@ -297,6 +297,8 @@ def _run(cfg: DictConfig, run_dir: Path, logger, main: bool, inputs: Inputs) -> 
     timings["seconds_per_step"] = round(res.train.seconds / max(1, res.train.steps), 3)
     timings["other_cores"] = res.train.other_cores
     timings["resumed_from_step"] = res.train.resumed_from
+    if res.train.resumed_from is not None:   # which processes trained it (host, threads): cwac.resume
+        timings["segments"] = res.train.segments
     if not main:   # rank 0 evaluates and writes the record
         return {"metrics": {}, "info": info, "timings": timings}
     t = time.time()

@@ -99,6 +99,7 @@ def test_a_killed_run_resumes_onto_the_uninterrupted_weights(tiny_model, tmp_pat
     assert len(list(folder.glob("state-*-rank0.pt"))) == 1     # only the newest checkpoint is kept
     res, model, calls = _run(name, tiny_model, tmp_path, start, folder)
     assert res.resumed_from == 2 and calls == [2, 3, 4]          # it went on from the checkpoint
+    assert [g["from_step"] for g in res.segments] == [0, 2] and ref.segments[0]["from_step"] == 0
     _same(model, ref_model)                                      # weights, Adam moments, schedule, streams
     assert [h["losses/total"] for h in res.history] == [h["losses/total"] for h in ref.history]
     assert [h["lr"] for h in res.history] == [h["lr"] for h in ref.history]
@@ -144,3 +145,19 @@ def test_checkpoint_minutes_changes_no_hash(tiny_cfg):
     assert config_hash(a) == config_hash(b) == config_hash(c)
     assert stable_hash(aligned_key(a)) == stable_hash(aligned_key(b)) == stable_hash(aligned_key(c))
     assert config_hash(a) != config_hash(tiny_cfg("training.weight_decay=0.1"))
+
+
+def test_code_digest_covers_the_training_code_and_not_the_reports(tmp_path):
+    from cwac.resume import code_digest
+
+    for rel in ("cwac/trainer.py", "cwac/reports/tables.py", "cwac/plan/__init__.py", "baselines/booster.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x = 1\n")
+    d = code_digest(tmp_path)
+    (tmp_path / "cwac/reports/tables.py").write_text("x = 2\n")
+    (tmp_path / "cwac/plan/__init__.py").write_text("x = 2\n")
+    assert code_digest(tmp_path) == d   # a table or the memory planner changed: the checkpoint stands
+    for rel in ("cwac/trainer.py", "baselines/booster.py"):
+        (tmp_path / rel).write_text("x = 3\n")
+        assert code_digest(tmp_path) != d
+        d = code_digest(tmp_path)
