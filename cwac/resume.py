@@ -112,7 +112,7 @@ class Checkpointer:
         self.fingerprint = {**fingerprint, "world": world, "method": type(method).__name__, "code": code_digest()}
         self.enabled = self.folder is not None and self.seconds > 0 and self.names is not None
         if self.folder is not None and self.seconds > 0 and self.names is None:
-            log.warning("training without checkpoints: %s does not declare its step-to-step state "
+            log.info("training without checkpoints: %s does not declare its step-to-step state "
                         "(Method.step_state on its own class), so a killed run restarts from step 0",
                         type(method).__name__)
         self.last_save = time.time()
@@ -154,7 +154,9 @@ class Checkpointer:
         the last one (every rank decides alike: rank 0's clock, broadcast)."""
         if not self.enabled or loop["step"] >= self.fingerprint["steps"]:
             return False
-        due = torch.tensor([float(time.time() - self.last_save >= self.seconds)])
+        # on the engine's device: NCCL broadcasts only CUDA tensors
+        dev = engine.device if engine.device is not None else next(engine.module.parameters()).device
+        due = torch.tensor([float(time.time() - self.last_save >= self.seconds)], device=dev)
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.broadcast(due, 0)
         if not due.item():

@@ -45,8 +45,16 @@ def main(spec_path: str) -> None:
 
         save_file({n: p.detach().contiguous().clone() for n, p in model.named_parameters()},
                   str(out / "weights0.safetensors"))
-    res = fit(method, model, rows, cfg.training, tokenizer=tok, formatter=fmt, seed=int(cfg.seed), desc="dist")
+    if spec.get("kill_after") is not None:   # every rank dies inside the step after that many (tests/distributed/test_resume.py)
+        def after_step(model_, step):
+            if step == int(spec["kill_after"]):
+                raise SystemExit(3)
+            return {}
+        method.after_step = after_step
+    res = fit(method, model, rows, cfg.training, tokenizer=tok, formatter=fmt, seed=int(cfg.seed), desc="dist",
+              resume_dir=spec.get("resume_dir"))
     info = {"rank": rank, "world": world, "history": res.train.history, "steps": res.train.steps,
+            "resumed_from": res.train.resumed_from,
             "record_info": method.record_info(),
             # parameters ZeRO-3 split over the ranks during training (the rest stayed whole)
             "zero3_partitioned": sorted(n for n, p in res.model.named_parameters()
