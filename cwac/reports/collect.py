@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 # Config keys that never change what a cell computes, or that are an axis (handled apart).
 NON_SEMANTIC = ("paths", "logger", "skip_complete", "sweep_name", "offline", "threads", "host_allocator",
-                "eval.progress", "training.progress")
+                "eval.progress", "training.progress",
+                # how often training checkpoints itself (cwac.resume): out of the config hash as well
+                "training.checkpoint_minutes", "alignment.training.checkpoint_minutes")
 AXIS_NODES = ("model", "task", "method", "alignment.method")
 # ``training.lr`` is an axis of the learning-rate table only; the other tables keep the setting's
 # most common value (``Result.lr``).

@@ -97,3 +97,14 @@ def test_a_key_added_later_at_its_neutral_value_does_not_split_a_setting():
     per_set = {"eval": {"hs_n": 100, "hs_pool": False}, "training": {"lr": 2e-5}}
     assert setting_of(old) == setting_of(new)
     assert setting_of(per_set) != setting_of(old)
+
+
+def test_how_often_training_checkpoints_does_not_split_a_setting():
+    """``training.checkpoint_minutes`` (cwac.resume) says how a run is saved, not what it computes:
+    records before and after the key existed share a table, at any value."""
+    from cwac.reports.collect import setting_of
+
+    old = {"training": {"lr": 2e-5}, "alignment": {"training": {"lr": 3e-5}}}
+    new = {"training": {"lr": 2e-5, "checkpoint_minutes": 20}, "alignment": {"training": {"lr": 3e-5, "checkpoint_minutes": 5}}}
+    assert setting_of(old) == setting_of(new)
+    assert setting_of(old) != setting_of({"training": {"lr": 2e-5, "weight_decay": 0.1}, "alignment": {"training": {"lr": 3e-5}}})
