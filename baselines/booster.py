@@ -51,6 +51,11 @@ Hyper-parameters (conf/method/booster.yaml):
 Paper scale (``conf/method_budget/booster/paper.yaml``): ``harmful_source=hub``, ``n_harmful=5000`` (needs
 ``offline=false``) and ``harmful_chunk=1``.
 
+On the organism (full fine-tuning, lam=5, alpha=0.1) the attenuation term runs away below zero
+(h(w') - h(w) ~ 125 nats by the end), and the artifact answers the BeaverTails prompts its defence
+pairs come from: its HS is 43.5 before any fine-tuning, against the organism's 4.0 (docs/baselines.md,
+Booster, "On the organism").
+
 Fine-tuning after it is plain SFT (``baselines._align_stage``):
     python run.py method=booster method@alignment.method=booster model.align=true
 """

@@ -8,6 +8,7 @@ and stores the result as an artifact keyed by everything that changes its weight
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from cwac.artifacts import ArtifactStore
 from cwac.experiment.plugins import get_method
 from cwac.models import load_chat_model, resolve_model_path
 from cwac.trainer import fit, to_device
-from cwac.utils import seed_everything, stable_hash
+from cwac.utils import seed_everything, stable_hash, strict_json
+
+TRAIN_LOG = "train_log.jsonl"   # the build's per-step losses and metrics, kept inside the artifact
 
 
 def aligned_key(cfg: DictConfig) -> dict:
@@ -74,6 +77,9 @@ def build_aligned(cfg: DictConfig, store: ArtifactStore, base_path: str, out: Pa
     res.model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "alignment_rows.sha").write_text(stable_hash([e.to_dict() for e in res.rows]) + "\n")
+    (out / TRAIN_LOG).write_text("".join(strict_json({"step": h["step"], **{f"align/{k}": v for k, v in h.items()
+                                                                            if k != "step"}}) + "\n"
+                                         for h in res.train.history))
     losses = [h["losses/total"] for h in res.train.history]
     return {"steps": res.train.steps, "train_seconds": round(res.train.seconds, 1), "n_rows": len(res.rows),
             "resumed_from_step": res.train.resumed_from,
@@ -84,6 +90,15 @@ def build_aligned(cfg: DictConfig, store: ArtifactStore, base_path: str, out: Pa
             "method": acfg.method.name,
             "method_info": method.record_info(),
             "refusal_source": "bank:openers x reasons x redirects (cwac/alignment.py)"}
+
+
+def alignment_log(path: str | Path) -> list[dict]:
+    """The per-step rows (``align/losses/...``, ``align/metrics/...``) of the build that made the
+    aligned artifact at ``path``, in ``train_log.jsonl``'s format; an alignment-stage record copies
+    them, so a defence's own terms (Booster's h(w) and h(w'), RepNoise's noise and retain losses)
+    travel with the artifact's record. Empty for an artifact built before builds kept them."""
+    f = Path(path) / TRAIN_LOG
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
 
 
 def weights_digest(folder: Path) -> str:

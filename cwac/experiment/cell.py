@@ -24,7 +24,7 @@ from cwac.api import TrainContext
 from cwac.artifacts import ArtifactStore
 from cwac.data.files import data_fingerprint
 from cwac.host_allocator import set_host_allocator
-from cwac.experiment.align import start_model
+from cwac.experiment.align import alignment_log, start_model
 from cwac.experiment.plugins import get_method
 from cwac.experiment.preflight import Inputs, build_judge, check_inputs, check_judge, check_settings
 from cwac.models import load_chat_model
@@ -280,6 +280,8 @@ def _run(cfg: DictConfig, run_dir: Path, logger, main: bool, inputs: Inputs) -> 
     if cfg.stage == "align":
         if not main:
             return {"metrics": {}, "info": info, "timings": timings}
+        for row in alignment_log(start_path):   # the build's own per-step losses and metrics
+            logger.log({k: v for k, v in row.items() if k not in ("step", "nonfinite")}, step=row["step"])
         metrics = _evaluate(cfg, model, tok, fmt, run_dir, cfg.task.name)
         return {"metrics": metrics, "info": info, "timings": timings}
     ctx = TrainContext.from_config(cfg, tokenizer=tok, formatter=fmt, store=store, run_dir=run_dir,

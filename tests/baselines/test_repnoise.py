@@ -121,6 +121,7 @@ def test_finetune_stage_is_plain_sft(tiny_model, tmp_path):
 
 
 def test_smoke_cell_builds_its_own_aligned_artifact(tiny_cfg):
+    from cwac.experiment.align import alignment_log
     from cwac.experiment.cell import run_cell
 
     rec = run_cell(tiny_cfg("model.align=true", "harmful=p0.1", "eval.hs_n=4", "eval.harmless_n=0", "eval.fa_n=4",
@@ -128,3 +129,7 @@ def test_smoke_cell_builds_its_own_aligned_artifact(tiny_cfg):
     assert rec["status"] == "complete" and 0 <= rec["metrics"]["hs"] <= 100
     assert rec["info"]["alignment"]["meta"]["method"] == "repnoise" and rec["info"]["method"]["stage"] == "finetune"
     assert rec["info"]["method"]["alignment_method"]["name"] == "repnoise"
+    # the build's own terms travel with the artifact (cwac.experiment.align.alignment_log), one row a step
+    log = alignment_log(rec["info"]["start_model"])
+    assert len(log) == rec["info"]["alignment"]["meta"]["steps"]
+    assert all({"align/losses/noise", "align/losses/ascent", "align/metrics/repnoise_mmd"} <= set(r) for r in log)

@@ -9,6 +9,7 @@ from pathlib import Path
 from cwac.alignment import alignment_rows, refusal_text
 from cwac.artifacts import ArtifactStore
 from cwac.data.harmful import EVAL_HARMFUL_SETS, prompt_set
+from cwac.experiment.align import alignment_log
 from cwac.experiment.cell import run_cell
 from cwac.utils import normalize_prompt, stable_hash
 from cwac.refusal import is_refusal
@@ -31,6 +32,12 @@ def test_alignment_artifact_reused_then_rebuilt(tiny_cfg, tmp_path):
     weights = sorted(first[0].glob("*.safetensors"))
     assert weights and meta["meta"]["weights_sha256"] == hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()
     assert rec["info"]["alignment"]["meta"]["weights_sha256"] == meta["meta"]["weights_sha256"]
+    # the build's per-step rows live in the artifact, and the alignment record copies them
+    built = alignment_log(first[0])
+    assert [r["step"] for r in built] == list(range(1, meta["meta"]["steps"] + 1))
+    assert built[0]["align/losses/total"] == meta["meta"]["loss_first"] and built[-1]["align/losses/total"] == meta["meta"]["loss_last"]
+    logged = [json.loads(line) for line in (Path(rec["run_dir"]) / "train_log.jsonl").read_text().splitlines()]
+    assert logged == built
     # a fine-tuning cell on the same model reuses the artifact (same folder, same build time)
     ft = run_cell(tiny_cfg("model.align=true", "method=sft", f"paths.artifacts={artifacts}"))
     assert ft["info"]["start_model"] == str(first[0])
